@@ -1,0 +1,99 @@
+"""Model plumbing: load a causal LM + tokenizer, batch prompt/response tokens, score log-probs.
+
+Sequences are laid out as [left-padded prompt | right-padded response]: the prompt block
+has P columns, the response block T columns, so every row's response starts at column P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_MODEL = ASSETS / "embedded-reference"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """`embedded` -> the tiny model shipped in apo_core/assets; anything else unchanged."""
+    return str(EMBEDDED_MODEL) if path == "embedded" else path
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
+    """(model, tokenizer) from a local folder or hub id; the tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model_path(path)
+    if path != "embedded" and not Path(resolved).exists() and "/" not in resolved:
+        raise FileNotFoundError(f"model {path!r}: no such folder, and not a hub id (owner/name)")
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_DTYPES[dtype])
+    model.to(pick_device(device))
+    return model, tokenizer
+
+
+@dataclass
+class TokenBatch:
+    """A batch of prompt+response token ids. input_ids, attention_mask: (B, P+T); response_mask: (B, T)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+    def select(self, rows: slice | Tensor) -> "TokenBatch":
+        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows])
+
+
+def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
+    """Left-pad prompts and right-pad responses into one TokenBatch."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError("prompt_ids and response_ids differ in length")
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in response_ids))
+    B = len(prompt_ids)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
+        input_ids[i, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        attention[i, P - len(p) : P + len(r)] = 1
+    return TokenBatch(input_ids, attention, attention[:, P:].clone())
+
+
+def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
+    """Per-token log pi(y_t | x, y_<t) on the response block: (B, T), zero where masked.
+
+    Position ids follow the attention mask, so left padding does not shift positions and the
+    scores match what generation saw.
+    """
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False)
+    P = batch.prompt_len
+    # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2.
+    logits = out.logits[:, P - 1 : -1].float()
+    targets = batch.input_ids[:, P:]
+    # log softmax at the target only: logit[y] - logsumexp(logits), without a (B, T, V) log-prob tensor.
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logp = torch.where(batch.response_mask.bool(), token_logp, torch.zeros_like(token_logp))
+    return (token_logp, logits) if return_logits else token_logp

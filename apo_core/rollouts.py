@@ -1,0 +1,100 @@
+"""Stage 1 (reference samples -> V*) and evaluation: sampling loops over a GenerationEngine."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+
+from .data import PromptRecord
+from .engines import GenerationEngine
+from .objectives import vstar
+from .rewards import RewardFn
+
+Progress = Callable[[int, int], None]
+
+
+def sample_reference(
+    engine: GenerationEngine,
+    records: Sequence[PromptRecord],
+    reward_fn: RewardFn,
+    *,
+    n_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """N scored samples per prompt; sample index i of every prompt is drawn with seed + i.
+
+    Rows: prompt_id, sample_idx, seed, response, reward, n_tokens, finish_reason.
+    """
+    prompts = [r.prompt for r in records]
+    answers = [r.answer for r in records]
+    rows: list[dict] = []
+    for i in range(n_samples):
+        completions = engine.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + i)
+        rewards = reward_fn([c.text for c in completions], answers)
+        for rec, comp, reward in zip(records, completions, rewards):
+            rows.append(
+                dict(
+                    prompt_id=rec.prompt_id,
+                    sample_idx=i,
+                    seed=seed + i,
+                    response=comp.text,
+                    reward=float(reward),
+                    n_tokens=len(comp.token_ids),
+                    finish_reason=comp.finish_reason,
+                )
+            )
+        if progress:
+            progress(i + 1, n_samples)
+    return rows
+
+
+def aggregate_vstar(prompt_ids: Sequence[str], rewards: Sequence[float], beta1: float) -> list[dict]:
+    """Per prompt: n, mean_reward, pass_at_n, vstar. Every prompt must have the same N."""
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for pid, r in zip(prompt_ids, rewards):
+        by_prompt[pid].append(float(r))
+    if not by_prompt:
+        return []
+    sizes = {len(v) for v in by_prompt.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"prompts have different sample counts {sorted(sizes)}; V* needs the same N for all")
+    ids = list(by_prompt)
+    table = torch.tensor([by_prompt[p] for p in ids], dtype=torch.float64)  # (B, N)
+    values = vstar(table, beta1).tolist()
+    means = table.mean(-1).tolist()
+    passes = (table.max(-1).values > 0).double().tolist()
+    return [
+        dict(prompt_id=p, n=table.shape[1], mean_reward=m, pass_at_n=s, vstar=v)
+        for p, m, s, v in zip(ids, means, passes, values)
+    ]
+
+
+def evaluate(
+    engine: GenerationEngine,
+    records: Sequence[PromptRecord],
+    reward_fn: RewardFn,
+    *,
+    max_new_tokens: int,
+) -> tuple[list[dict], dict[str, float]]:
+    """Greedy accuracy. Returns per-prompt rows and {accuracy, response_tokens_mean, ...}."""
+    completions = engine.generate([r.prompt for r in records], temperature=0.0, max_new_tokens=max_new_tokens)
+    rewards = reward_fn([c.text for c in completions], [r.answer for r in records])
+    rows = [
+        dict(prompt_id=r.prompt_id, prompt=r.prompt, answer=r.answer, response=c.text, reward=float(x),
+             n_tokens=len(c.token_ids), finish_reason=c.finish_reason)
+        for r, c, x in zip(records, completions, rewards)
+    ]
+    n = max(1, len(rows))
+    metrics = {
+        "accuracy": sum(rewards) / n,
+        "n": float(len(rows)),
+        "response_tokens_mean": sum(len(c.token_ids) for c in completions) / n,
+        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / n,
+    }
+    return rows, metrics

@@ -1,0 +1,222 @@
+"""Stage 2: on-policy least-squares regression to the optimal advantage, one sample per prompt.
+
+Each rollout step takes `rollout_batch_size` prompts, samples ONE response per prompt from the
+current policy, scores it, scores it under pi_ref, and takes rollout/minibatch AdamW steps on
+
+    loss = mean_B ( beta2 * [log pi(y|x) - log pi_ref(y|x)] - (r(x, y) - V*(x)) )^2
+
+The prompt order and sampling seeds are functions of the step number, so a run resumed from
+a checkpoint continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import TrainConfig
+from .engines import GenerationEngine
+from .modeling import collate, response_logprobs
+from .objectives import apo_loss, token_entropy
+from .rewards import RewardFn
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainPrompt:
+    prompt_id: str
+    prompt: str
+    answer: str
+    vstar: float
+
+
+StepCallback = Callable[[int, dict[str, float], list[dict]], None]
+
+
+def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
+    """pi_ref for a full fine-tune: a frozen copy of the starting weights."""
+    ref = copy.deepcopy(policy)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class OnlineTrainer:
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        ref_policy: torch.nn.Module,
+        tokenizer,
+        engine: GenerationEngine,
+        reward_fn: RewardFn,
+        cfg: TrainConfig,
+    ):
+        self.policy, self.ref_policy, self.tokenizer = policy, ref_policy, tokenizer
+        self.engine, self.reward_fn, self.cfg = engine, reward_fn, cfg
+        self.device = next(policy.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+        )
+        self.step = 0  # rollout steps completed
+
+    # -- data order ---------------------------------------------------------------------------
+    def batch_for_step(self, prompts: Sequence[TrainPrompt], step: int) -> list[TrainPrompt]:
+        """Prompts of rollout step `step`: consecutive slices of per-epoch seeded permutations."""
+        R, n = self.cfg.rollout_batch_size, len(prompts)
+        out: list[TrainPrompt] = []
+        pos = step * R
+        while len(out) < R:
+            epoch, offset = divmod(pos, n)
+            order = list(range(n))
+            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+            take = min(R - len(out), n - offset)
+            out += [prompts[i] for i in order[offset : offset + take]]
+            pos += take
+        return out
+
+    # -- one rollout step ---------------------------------------------------------------------
+    def train_step(self, batch: Sequence[TrainPrompt]) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        completions = self.engine.generate(
+            [p.prompt for p in batch], temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed * 1_000_033 + self.step,
+        )
+        rewards = self.reward_fn([c.text for c in completions], [p.answer for p in batch])
+        t_gen = time.perf_counter()
+
+        tokens = collate(self.engine.prompt_token_ids([p.prompt for p in batch]), [c.token_ids for c in completions],
+                         self.tokenizer.pad_token_id).to(self.device)
+        reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+        vstar_t = torch.tensor([p.vstar for p in batch], dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            ref_logp = response_logprobs(self.ref_policy, tokens)  # (R, T)
+        t_ref = time.perf_counter()
+
+        M = cfg.minibatch_size
+        sums: dict[str, torch.Tensor] = {}
+        n_updates = len(batch) // M
+        for k in range(n_updates):
+            rows = slice(k * M, (k + 1) * M)
+            mb = tokens.select(rows)
+            # Trim the response block to this minibatch's longest response: less padding compute.
+            T = int(mb.response_mask.sum(-1).max().item())
+            mb = type(mb)(mb.input_ids[:, : mb.prompt_len + T], mb.attention_mask[:, : mb.prompt_len + T], mb.response_mask[:, :T])
+            if cfg.entropy_coef > 0:
+                logp, logits = response_logprobs(self.policy, mb, return_logits=True)
+            else:
+                logp = response_logprobs(self.policy, mb)
+            loss, metrics = apo_loss(logp, ref_logp[rows, :T], mb.response_mask, reward_t[rows], vstar_t[rows], cfg.beta2)
+            if cfg.entropy_coef > 0:
+                entropy = token_entropy(logits, mb.response_mask)
+                loss = loss - cfg.entropy_coef * entropy
+                metrics["entropy"] = entropy.detach()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        self.step += 1
+        t_upd = time.perf_counter()
+
+        n_tokens = [len(c.token_ids) for c in completions]
+        out = {f"train/{k}": float(v) / max(1, n_updates) for k, v in sums.items()}  # one sync per step
+        out.update({
+            "rollout/reward_mean": sum(rewards) / len(rewards),
+            "rollout/response_tokens_mean": sum(n_tokens) / len(n_tokens),
+            "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "vstar/batch_mean": float(vstar_t.mean()),
+            "train/optimizer_steps": float(self.step * n_updates),
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "time/generate_s": t_gen - t0,
+            "time/ref_logprobs_s": t_ref - t_gen,
+            "time/update_s": t_upd - t_ref,
+            "time/step_s": t_upd - t0,
+        })
+        samples = [
+            dict(step=self.step, prompt_id=p.prompt_id, response=c.text, reward=float(r), vstar=p.vstar, n_tokens=len(c.token_ids))
+            for p, c, r in zip(batch, completions, rewards)
+        ]
+        return out, samples
+
+    def train(
+        self,
+        prompts: Sequence[TrainPrompt],
+        checkpoint_dir: Path,
+        on_step: StepCallback | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
+        before_publish: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Run rollout steps from self.step up to cfg.steps, checkpointing as configured."""
+        if not prompts:
+            raise ValueError("no training prompts (did the V* filter drop all of them?)")
+        self.policy.train()
+        while self.step < self.cfg.steps:
+            metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
+            if on_step:
+                on_step(self.step, metrics, samples)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                path = self.save_checkpoint(checkpoint_dir, before_publish)
+                if on_checkpoint:
+                    on_checkpoint(path)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint_dir: Path, before_publish: Callable[[Path], None] | None = None) -> Path:
+        """Write <dir>/step_NNNNNN/ (model, tokenizer, optimizer, step), then prune old ones.
+
+        The folder is written under a temporary name and renamed, so a kill mid-write never
+        leaves a checkpoint that looks complete; `before_publish` may add files to it first.
+        """
+        checkpoint_dir = Path(checkpoint_dir)
+        final = checkpoint_dir / f"step_{self.step:06d}"
+        tmp = checkpoint_dir / f".tmp_step_{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.policy.save_pretrained(tmp / "model")
+        self.tokenizer.save_pretrained(tmp / "model")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / STATE_FILE)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+        if before_publish:
+            before_publish(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = {}
+        for shard in sorted((path / "model").glob("*.safetensors")):
+            state.update(load_file(shard))
+        missing, unexpected = self.policy.load_state_dict(state, strict=False)
+        # Tied embeddings are saved once; anything else missing is a real mismatch.
+        missing = [m for m in missing if not m.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        blob = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.step = int(blob["step"])
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.exists():
+        return []
+    return sorted(p for p in checkpoint_dir.glob("step_*") if (p / STATE_FILE).exists())

@@ -1,0 +1,34 @@
+"""Helpers the stage tasks share: model loading from any URI, reading upstream tables."""
+
+from __future__ import annotations
+
+import polars as pl
+import torch
+
+from apo_core.config import ApoConfig
+from apo_core.data import PromptRecord
+from apo_core.engines import make_engine
+from apo_core.modeling import load_model_and_tokenizer
+
+from . import storage
+from .stage import StageResult
+
+
+def load_model(cfg: ApoConfig, path: str | None = None):
+    """(model, tokenizer) for `path` (default: the configured reference model), any URI."""
+    if cfg.model.num_threads:
+        torch.set_num_threads(cfg.model.num_threads)
+    path = path or cfg.model.path
+    if "://" in path and not path.startswith("file://"):
+        path = str(storage.localize_dir(path))
+    return load_model_and_tokenizer(path, cfg.model.dtype, cfg.model.device)
+
+
+def engine_for(cfg: ApoConfig, model, tokenizer):
+    return make_engine(cfg.generation.engine, model, tokenizer, batch_size=cfg.generation.batch_size,
+                       autocast_bf16=cfg.generation.autocast_bf16)
+
+
+def read_prompts(prep: StageResult, split: str) -> list[PromptRecord]:
+    df = storage.read_parquet(prep.outputs["prompts"]).filter(pl.col("split") == split)
+    return [PromptRecord(**row) for row in df.iter_rows(named=True)]

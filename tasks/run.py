@@ -1,0 +1,58 @@
+"""Opening and closing a pipeline run: the MLflow parent run, config.json and summary.json."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from apo_core.config import ApoConfig
+
+from . import storage
+from .stage import RunContext, StageResult
+from .tracking import Tracker, default_tracking_uri, ui_command
+
+
+@task(name="start_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def start_run(config: ApoConfig) -> RunContext:
+    cfg = config.with_run_id()
+    tracker = Tracker.for_config(cfg)
+    parent = tracker.parent_run(cfg)
+    ctx = RunContext(config=cfg, tracking_uri=default_tracking_uri(cfg), parent_run_id=parent)
+    storage.write_json(cfg.model_dump(mode="json"), storage.join(ctx.run_uri, "config.json"))
+    print(f"[apo] run {cfg.run_id}: artifacts {ctx.run_uri}, MLflow run {parent} at {ctx.tracking_uri}")
+    return ctx
+
+
+@task(name="finish_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
+    by_stage = {r.stage: r for r in results}
+    accuracy = by_stage["evaluate"].metrics if "evaluate" in by_stage else {}
+    summary = {
+        "run_id": ctx.config.run_id,
+        "reference_accuracy": accuracy.get("eval/reference_accuracy"),
+        "trained_accuracy": accuracy.get("eval/trained_accuracy"),
+        "stage_seconds": {r.stage: round(r.seconds, 2) for r in results},
+        "stage_peak_rss_mb": {r.stage: round(r.peak_rss_mb, 1) for r in results},
+        "stage_status": {r.stage: r.status for r in results},
+        "stages_recomputed": [r.stage for r in results if r.status == "ran"],
+        "artifacts": {r.stage: r.uri for r in results},
+        "metrics": {k: v for r in results for k, v in r.metrics.items()},
+        "mlflow_tracking_uri": ctx.tracking_uri,
+        "mlflow_run_id": ctx.parent_run_id,
+        "mlflow_stage_runs": {r.stage: r.mlflow_run_id for r in results},
+        "mlflow_ui": ui_command(ctx.tracking_uri),
+        "summary_uri": storage.join(ctx.run_uri, "summary.json"),
+        "config": ctx.config.model_dump(mode="json"),
+    }
+    tracker = ctx.tracker()
+    headline = {k: v for k, v in (("eval/reference_accuracy", summary["reference_accuracy"]),
+                                  ("eval/trained_accuracy", summary["trained_accuracy"])) if v is not None}
+    headline.update({f"time/{k}_s": v for k, v in summary["stage_seconds"].items()})
+    headline.update({f"memory/{k}_peak_rss_mb": v for k, v in summary["stage_peak_rss_mb"].items()})
+    tracker.log_metrics(ctx.parent_run_id, headline)
+    tracker.log_dict(ctx.parent_run_id, summary, "summary.json")
+    tracker.end(ctx.parent_run_id, ok=True)
+    storage.write_json(summary, summary["summary_uri"])
+    return summary

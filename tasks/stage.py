@@ -1,0 +1,155 @@
+"""What every stage shares: where its outputs live, when it counts as done, what it measured.
+
+A stage's folder is `<artifact_root>/<run_id>/<stage>/`; the stage is complete when its
+marker `_COMPLETE.json` exists, written last. The marker records a fingerprint of the config
+the stage depends on and of its inputs; a re-run with the same run id skips a stage whose
+fingerprint matches and recomputes it (and so everything downstream) when it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import psutil
+from pydantic import BaseModel
+
+from apo_core.config import ApoConfig
+
+from . import storage
+from .tracking import Tracker
+
+MARKER = "_COMPLETE.json"
+
+STAGES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
+
+
+class RunContext(BaseModel):
+    """Everything a stage needs to find its inputs and its MLflow parent; plain data, so it
+    travels to a stage running in another process or pod."""
+
+    config: ApoConfig
+    tracking_uri: str
+    parent_run_id: str
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.config.artifact_root, self.config.run_id or "")
+
+    def stage_uri(self, stage: str) -> str:
+        return storage.join(self.run_uri, stage)
+
+    def tracker(self) -> Tracker:
+        return Tracker.for_config(self.config)
+
+
+class StageResult(BaseModel):
+    """What a stage hands downstream and into the run summary."""
+
+    stage: str
+    uri: str
+    status: str  # "ran" or "skipped"
+    fingerprint: str
+    seconds: float
+    peak_rss_mb: float
+    metrics: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    mlflow_run_id: str | None = None
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class PeakRSS:
+    """Peak resident memory of this process while a block runs (sampled every 20 ms)."""
+
+    interval: float = 0.02
+    peak_bytes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _poll(self, proc: psutil.Process) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+
+    @contextmanager
+    def measure(self) -> Iterator["PeakRSS"]:
+        proc = psutil.Process(os.getpid())
+        self.peak_bytes = proc.memory_info().rss
+        thread = threading.Thread(target=self._poll, args=(proc,), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+
+
+@dataclass
+class StageIO:
+    """Handed to a stage body: its folder, its MLflow run, and the tracker to log with."""
+
+    uri: str
+    tracker: Tracker
+    mlflow_run_id: str
+
+    def path(self, name: str) -> str:
+        return storage.join(self.uri, name)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.tracker.log_metrics(self.mlflow_run_id, metrics, step)
+
+
+def completed(ctx: RunContext, stage: str, fp: str) -> StageResult | None:
+    """The recorded result of `stage` when it completed with fingerprint `fp`."""
+    marker = storage.join(ctx.stage_uri(stage), MARKER)
+    if not storage.exists(marker):
+        return None
+    result = StageResult.model_validate(storage.read_json(marker))
+    return result if result.fingerprint == fp else None
+
+
+def run_stage(
+    ctx: RunContext,
+    stage: str,
+    fp: str,
+    body: Callable[[StageIO], tuple[dict[str, float], dict[str, str]]],
+) -> StageResult:
+    """Skip `stage` if complete with this fingerprint; else run `body` measured and tracked,
+    then publish the marker. `body` returns (metrics, outputs: name -> URI)."""
+    done = completed(ctx, stage, fp)
+    if done is not None:
+        print(f"[{stage}] complete already (fingerprint {fp}); skipped")
+        return done.model_copy(update={"status": "skipped"})
+    uri = ctx.stage_uri(stage)
+    storage.remove(storage.join(uri, MARKER))  # a stale marker (other fingerprint) must not survive a crash
+    tracker = ctx.tracker()
+    mlflow_run = tracker.stage_run(ctx.parent_run_id, stage, ctx.config.run_id or "")
+    print(f"[{stage}] started -> {uri}")
+    start = time.perf_counter()
+    try:
+        with PeakRSS().measure() as rss:
+            metrics, outputs = body(StageIO(uri, tracker, mlflow_run))
+    except BaseException:
+        tracker.end(mlflow_run, ok=False)
+        raise
+    seconds = time.perf_counter() - start
+    peak_mb = rss.peak_bytes / 2**20
+    tracker.log_metrics(mlflow_run, {"stage/seconds": seconds, "stage/peak_rss_mb": peak_mb})
+    tracker.end(mlflow_run, ok=True)
+    result = StageResult(
+        stage=stage, uri=uri, status="ran", fingerprint=fp, seconds=seconds, peak_rss_mb=peak_mb,
+        metrics=metrics, outputs=outputs, mlflow_run_id=mlflow_run,
+    )
+    storage.write_json(result.model_dump(mode="json"), storage.join(uri, MARKER))
+    print(f"[{stage}] done in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB")
+    return result

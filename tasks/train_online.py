@@ -1,0 +1,101 @@
+"""Stage `train_online`: A*-PO regression on the policy; checkpoints, step metrics, final model.
+
+Checkpoints are resumable: a re-run of the same run id continues from the newest checkpoint
+whose training config matches (train.steps may grow; changing anything else starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from apo_core.rewards import get_reward
+from apo_core.trainer import OnlineTrainer, TrainPrompt, frozen_reference, list_checkpoints
+
+from . import storage
+from .common import engine_for, load_model, read_prompts
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+
+# Fields that may change between a run and its resume without invalidating checkpoints.
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
+SAMPLES_PER_STEP = 4  # responses per step kept for the sample table
+
+
+def _work_dir(io: StageIO, run_id: str) -> Path:
+    """Local folder the trainer writes: the stage folder itself when the root is local."""
+    if storage.is_local(io.uri):
+        return storage.local_path(io.uri)
+    return Path(tempfile.gettempdir()) / "apo" / run_id / "train_online"
+
+
+@task(name="train_online", cache_policy=NO_CACHE)
+def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> StageResult:
+    cfg = ctx.config
+    resume_fp = fingerprint(
+        cfg.train.model_dump(exclude=_RESUMABLE_CHANGES), cfg.model.model_dump(), cfg.reward, vstar.fingerprint
+    )
+
+    def body(io: StageIO):
+        values = storage.read_parquet(vstar.outputs["vstar"]).filter(pl.col("kept"))
+        v_of = dict(zip(values["prompt_id"].to_list(), values["vstar"].to_list()))
+        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in read_prompts(prep, "train") if r.prompt_id in v_of]
+
+        model, tokenizer = load_model(cfg)
+        trainer = OnlineTrainer(model, frozen_reference(model), tokenizer, engine_for(cfg, model, tokenizer),
+                                get_reward(cfg.reward), cfg.train)
+        work = _work_dir(io, cfg.run_id or "run")
+        ckpt_dir = work / "checkpoints"
+        if not storage.is_local(io.uri) and storage.exists(io.path("checkpoints")):
+            ckpt_dir = storage.localize_dir(io.path("checkpoints"))
+        history: list[dict] = []
+        samples: list[dict] = []
+        for ckpt in reversed(list_checkpoints(ckpt_dir)):
+            meta = ckpt / "resume.json"
+            if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == resume_fp:
+                trainer.load_checkpoint(ckpt)
+                history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
+                print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
+                break
+
+        def on_step(step: int, metrics: dict[str, float], step_samples: list[dict]) -> None:
+            history.append({"step": step, **metrics})
+            samples.extend(step_samples[:SAMPLES_PER_STEP])
+            io.log_metrics(metrics, step)
+            print(f"[train_online] step {step}/{cfg.train.steps} reward {metrics['rollout/reward_mean']:.3f} "
+                  f"loss {metrics['train/loss']:.4f} kl {metrics['train/kl']:.4f} "
+                  f"len {metrics['rollout/response_tokens_mean']:.0f} ({metrics['time/step_s']:.2f}s)")
+
+        def before_publish(tmp: Path) -> None:
+            pl.DataFrame(history).write_parquet(tmp / "metrics.parquet")
+            (tmp / "resume.json").write_text(json.dumps({"fingerprint": resume_fp}))
+
+        def on_checkpoint(path: Path) -> None:
+            storage.put_dir(path, io.path("checkpoints", path.name))
+
+        trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
+
+        final = work / "model"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        storage.put_dir(final, io.path("model"))
+        storage.write_parquet(pl.DataFrame(history), io.path("metrics.parquet"))
+        if samples:
+            storage.write_parquet(pl.DataFrame(samples), io.path("samples.parquet"))
+            io.tracker.log_table(io.mlflow_run_id, samples, "train_samples.json")
+        io.tracker.log_artifacts(io.mlflow_run_id, final, "model")
+        last = history[-10:]
+        metrics = {
+            "train/steps": float(trainer.step),
+            "train/prompts": float(len(prompts)),
+            "train/reward_mean_last10": sum(h["rollout/reward_mean"] for h in last) / max(1, len(last)),
+            "train/kl_last": float(history[-1]["train/kl"]) if history else 0.0,
+        }
+        return metrics, {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
+
+    fp = fingerprint(cfg.train.model_dump(), resume_fp)
+    return run_stage(ctx, "train_online", fp, body)
