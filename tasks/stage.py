@@ -102,8 +102,8 @@ class StageIO:
     tracker: Tracker
     mlflow_run_id: str
 
-    def path(self, name: str) -> str:
-        return storage.join(self.uri, name)
+    def path(self, *names: str) -> str:
+        return storage.join(self.uri, *names)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(self.mlflow_run_id, metrics, step)

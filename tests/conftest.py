@@ -1,0 +1,49 @@
+"""Shared fixtures: an isolated Prefect home, a tiny random Qwen2 with the project's byte
+tokenizer (for mechanics), and the committed embedded reference model (for learning)."""
+
+import os
+import tempfile
+
+# Prefect reads settings at import: isolate it before any test module imports it.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="apo-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{_PREFECT_HOME}/prefect.db")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("APO_CACHE_DIR", os.path.join(_PREFECT_HOME, "apo-cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 (head_dim 32) with the byte tokenizer, saved like a real checkpoint."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from apo_core.tokenizer import build_byte_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = build_byte_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect API (temporary local server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,55 @@
+"""Config: defaults, YAML + overrides, and one-line errors that name the field."""
+
+import pytest
+
+from apo_core.config import ApoConfig, ConfigError, load_config
+
+
+def test_defaults_are_the_embedded_job():
+    cfg = load_config()
+    assert cfg.model.path == "embedded" and cfg.reference.n_samples == 8 and cfg.vstar.beta1 == 0.5
+    assert cfg.artifact_root == "./.apo"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\n  steps: 5\nvstar:\n  filter_all_zero: true\n")
+    cfg = load_config(path, ["train.steps=7", "run_id=abc"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.vstar.filter_all_zero, cfg.run_id) == (0.001, 7, True, "abc")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'; valid keys here: steps,"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("train.lr=-1", "train.lr: Input should be greater than 0 (got -1)"),
+        ("reward=nope", "reward: Input should be 'embedded' or 'gsm8k'"),
+        ("train.minibatch_size=48", "minibatch_size (48) must divide rollout_batch_size (64)"),
+        ("run_id=a/b", "run_id 'a/b' must match"),
+        ("train.steps", "must look like key=value"),
+        ("train.lr.x=1", "train.lr: Input should be a valid number"),
+    ],
+)
+def test_bad_values_fail_in_one_line(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, ApoConfig.__mro__[1]):
+                walk(annotation)
+            else:
+                assert field.description, f"{model.__name__}.{name} has no docstring"
+
+    walk(ApoConfig)
+
+
+def test_with_run_id_fills_a_timestamp():
+    assert load_config().with_run_id().run_id.startswith("run-")
+    assert load_config(overrides=["run_id=x1"]).with_run_id().run_id == "x1"

@@ -1,0 +1,96 @@
+"""Stage 2 mechanics: one generation per prompt per step, log-probs, updates, resume."""
+
+import pytest
+import torch
+
+from apo_core.config import TrainConfig
+from apo_core.engines import TransformersEngine
+from apo_core.modeling import collate, load_model_and_tokenizer, response_logprobs
+from apo_core.rewards import gsm8k_reward
+from apo_core.trainer import OnlineTrainer, TrainPrompt, frozen_reference, list_checkpoints
+
+PROMPTS = [TrainPrompt(f"p{i}", f"{10 + i}+{20 + i}=?\n", str(30 + 2 * i), 0.25 * (i % 4)) for i in range(8)]
+
+
+class CountingEngine(TransformersEngine):
+    """Records every generate call's prompts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[list[str]] = []
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append(list(prompts))
+        return super().generate(prompts, **kwargs)
+
+
+def make_trainer(model_dir, **overrides):
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    cfg = TrainConfig(**{"steps": 3, "rollout_batch_size": 8, "minibatch_size": 4, "max_new_tokens": 12,
+                         "lr": 1e-3, "checkpoint_every": 2, **overrides})
+    engine = CountingEngine(model, tok, batch_size=8)
+    return OnlineTrainer(model, frozen_reference(model), tok, engine, gsm8k_reward, cfg)
+
+
+def test_one_generation_per_prompt_per_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, steps=4, rollout_batch_size=4, minibatch_size=2)
+    steps = []
+    trainer.train(PROMPTS, tmp_path, on_step=lambda s, m, samples: steps.append((s, samples)))
+    calls = trainer.engine.calls
+    assert len(calls) == 4  # one generate call per rollout step
+    for call, (_, samples) in zip(calls, steps):
+        assert len(call) == 4 and len(set(call)) == 4  # each prompt of the batch exactly once
+        assert len(samples) == 4
+    # two steps of 4 cover the 8 prompts exactly once per epoch
+    assert sorted(calls[0] + calls[1]) == sorted(p.prompt for p in PROMPTS)
+    assert sorted(calls[2] + calls[3]) == sorted(p.prompt for p in PROMPTS)
+
+
+def test_training_changes_policy_not_reference(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.ref_policy.state_dict().items()}
+    history = []
+    trainer.train(PROMPTS, tmp_path, on_step=lambda s, m, _: history.append(m))
+    after = trainer.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(ref_before[k], v) for k, v in trainer.ref_policy.state_dict().items())
+    # Before the first update pi == pi_ref, so the first minibatch has zero log-ratio and KL.
+    assert history[0]["train/kl"] == pytest.approx(0.0, abs=1e-2)
+    assert {"train/loss", "train/kl", "train/grad_norm", "rollout/reward_mean", "vstar/batch_mean"} <= set(history[0])
+    assert len(history) == 3
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = make_trainer(tiny_model_dir, steps=4)
+    straight.train(PROMPTS, tmp_path / "a")
+
+    first = make_trainer(tiny_model_dir, steps=2)
+    first.train(PROMPTS, tmp_path / "b")
+    (ckpt,) = list_checkpoints(tmp_path / "b")[-1:]
+    resumed = make_trainer(tiny_model_dir, steps=4)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 2
+    resumed.train(PROMPTS, tmp_path / "b")
+    for (k, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_keep_checkpoints_prunes_oldest(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, steps=3, checkpoint_every=1, keep_checkpoints=2)
+    trainer.train(PROMPTS, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+
+
+def test_response_logprobs_ignore_left_and_right_padding(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    prompts = [tok.encode("1+2=?\n"), tok.encode("12+34-56=?\n")]
+    responses = [tok.encode("1+2=3. #### 3") + [tok.eos_token_id], tok.encode("#### 7")]
+    batch = collate(prompts, responses, tok.pad_token_id)
+    with torch.no_grad():
+        together = response_logprobs(model, batch)
+        for i in range(2):
+            alone = response_logprobs(model, collate([prompts[i]], [responses[i]], tok.pad_token_id))
+            n = len(responses[i])
+            assert torch.allclose(together[i, :n], alone[0, :n], atol=1e-5)
+            assert torch.all(together[i, n:] == 0)
