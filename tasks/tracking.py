@@ -17,6 +17,7 @@ from . import storage
 
 RUN_ID_TAG = "apo.run_id"
 STAGE_TAG = "apo.stage"
+ROLE_TAG = "apo.role"  # "pipeline" on parent runs, "stage" on nested ones
 
 
 def default_tracking_uri(cfg: ApoConfig) -> str:
@@ -72,13 +73,14 @@ class Tracker:
     def parent_run(self, cfg: ApoConfig) -> str:
         """The pipeline run for cfg.run_id: reused when it exists (resume), else created."""
         existing = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{cfg.run_id}'", max_results=1
+            [self.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{cfg.run_id}' and tags.`{ROLE_TAG}` = 'pipeline'",
+            max_results=1, order_by=["attributes.start_time ASC"]
         )
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id})
+        run = self.client.create_run(self.experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id, ROLE_TAG: "pipeline"})
         resolved = cfg.model_dump(mode="json")
         self.log_params(run.info.run_id, flatten(resolved))
         self.client.log_dict(run.info.run_id, resolved, "config.json")
@@ -88,7 +90,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=stage,
-            tags={"mlflow.parentRunId": parent_run_id, STAGE_TAG: stage, RUN_ID_TAG: run_id_tag},
+            tags={"mlflow.parentRunId": parent_run_id, STAGE_TAG: stage, RUN_ID_TAG: run_id_tag, ROLE_TAG: "stage"},
         )
         return run.info.run_id
 

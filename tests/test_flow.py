@@ -1,0 +1,119 @@
+"""The `apo` flow end to end under a real (temporary) Prefect API, with real Parquet
+artifacts and a real SQLite MLflow store."""
+
+import json
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apo_core.config import load_config
+
+STAGE_FILES = {
+    "preprocess": ("prompts.parquet", {"prompt_id", "prompt", "answer", "split"}),
+    "sample_reference": ("samples.parquet", {"prompt_id", "sample_idx", "seed", "response", "reward", "n_tokens", "finish_reason"}),
+    "aggregate_vstar": ("vstar.parquet", {"prompt_id", "n", "mean_reward", "pass_at_n", "vstar", "kept"}),
+    "train_online": ("metrics.parquet", {"step", "train/loss", "train/kl", "rollout/reward_mean"}),
+    "evaluate": ("results.parquet", {"prompt_id", "response", "reward", "model"}),
+}
+
+
+def tiny_config(root, model_dir, **extra):
+    overrides = {
+        "run_id": "flowtest", "artifact_root": str(root), "model.path": str(model_dir),
+        "data.train_size": 24, "data.test_size": 12, "reference.n_samples": 2,
+        "reference.max_new_tokens": 12, "train.max_new_tokens": 12, "eval.max_new_tokens": 12,
+        "train.steps": 3, "train.rollout_batch_size": 8, "train.minibatch_size": 4, "train.lr": 1e-3,
+        "train.checkpoint_every": 2, "generation.batch_size": 64, **extra,
+    }
+    return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tiny_model_dir, tmp_path_factory):
+    from flows.apo import apo
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cfg = tiny_config(root, tiny_model_dir)
+    return cfg, apo(config=cfg)
+
+
+def test_every_stage_output_exists_and_is_complete(first_run):
+    cfg, summary = first_run
+    for stage, (name, columns) in STAGE_FILES.items():
+        folder = f"{cfg.artifact_root}/flowtest/{stage}"
+        df = pl.read_parquet(f"{folder}/{name}")
+        assert columns <= set(df.columns), stage
+        assert df.height > 0
+        assert json.loads(open(f"{folder}/_COMPLETE.json").read())["stage"] == stage
+    samples = pl.read_parquet(f"{cfg.artifact_root}/flowtest/sample_reference/samples.parquet")
+    assert samples.height == 24 * 2  # N samples per training prompt
+    assert sorted(samples["seed"].unique().to_list()) == [cfg.reference.seed, cfg.reference.seed + 1]
+
+
+def test_summary_has_the_promised_fields(first_run):
+    cfg, summary = first_run
+    on_disk = json.loads(open(f"{cfg.artifact_root}/flowtest/summary.json").read())
+    for key in ("run_id", "reference_accuracy", "trained_accuracy", "stage_seconds", "stage_peak_rss_mb",
+                "artifacts", "mlflow_tracking_uri", "mlflow_run_id", "config"):
+        assert key in on_disk, key
+    assert set(on_disk["stage_seconds"]) == set(STAGE_FILES)
+    assert all(v > 0 for v in on_disk["stage_peak_rss_mb"].values())
+    assert on_disk["stages_recomputed"] == list(STAGE_FILES)
+    assert on_disk["config"]["train"]["steps"] == 3
+
+
+def test_parameters_changed(first_run, tiny_model_dir):
+    cfg, summary = first_run
+    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    after = load_file(f"{cfg.artifact_root}/flowtest/train_online/model/model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mlflow_parent_and_nested_stage_runs(first_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary = first_run
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["apo.run_id"] == "flowtest"
+    assert parent.data.params["train.steps"] == "3"
+    assert "eval/trained_accuracy" in parent.data.metrics
+    exp = client.get_experiment_by_name("apo")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == set(STAGE_FILES)
+    train = by_name["train_online"]
+    history = client.get_metric_history(train.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    for key in ("train/kl", "rollout/reward_mean", "train/grad_norm"):
+        assert key in train.data.metrics
+    assert "vstar/mean" in by_name["aggregate_vstar"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert "model" in artifacts and "train_samples.json" in artifacts
+    assert {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)} >= {"eval_results.json"}
+
+
+def test_rerun_same_id_recomputes_nothing(first_run, tiny_model_dir):
+    from flows.apo import apo
+
+    cfg, summary = first_run
+    again = apo(config=cfg)
+    assert again["stages_recomputed"] == []
+    assert set(again["stage_status"].values()) == {"skipped"}
+    assert again["trained_accuracy"] == summary["trained_accuracy"]
+    assert again["reference_accuracy"] == summary["reference_accuracy"]
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+
+
+def test_new_beta1_reuses_reference_samples(first_run, tiny_model_dir):
+    from flows.apo import apo
+
+    cfg, _ = first_run
+    changed = cfg.model_copy(update={"vstar": cfg.vstar.model_copy(update={"beta1": 2.0})})
+    out = apo(config=changed)
+    assert out["stage_status"]["preprocess"] == "skipped"
+    assert out["stage_status"]["sample_reference"] == "skipped"
+    assert out["stages_recomputed"] == ["aggregate_vstar", "train_online", "evaluate"]
