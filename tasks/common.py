@@ -14,8 +14,17 @@ from . import storage
 from .stage import StageResult
 
 
+def quiet_transformers() -> None:
+    """Stage logs carry our own progress lines; drop transformers' per-load progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(cfg: ApoConfig, path: str | None = None):
     """(model, tokenizer) for `path` (default: the configured reference model), any URI."""
+    quiet_transformers()
     if cfg.model.num_threads:
         torch.set_num_threads(cfg.model.num_threads)
     path = path or cfg.model.path
