@@ -93,6 +93,8 @@ UNICODE_SAMPLES = [
     "ünïcødé — 日本語, emoji 😀👍🏽, zero-width\u200bjoiner, NUL\x00byte",
     "",
 ]
+# Not NFC-normalised (decomposed accent, Angstrom sign): the project's tokenizer keeps them as is.
+NON_NFC = "cafe\u0301 \u212b"
 
 
 def test_tokenizer_round_trips_unicode():
@@ -101,7 +103,7 @@ def test_tokenizer_round_trips_unicode():
     assert tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "left"
     assert len(tok) == 258
-    for text in UNICODE_SAMPLES:
+    for text in [*UNICODE_SAMPLES, NON_NFC]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert ids == list(text.encode("utf-8"))  # one token per byte, id = byte value
         assert tok.decode(ids) == text
@@ -124,7 +126,7 @@ def test_tokenizer_save_load_round_trip(tmp_path):
     assert len(loaded) == len(tok)
     assert (loaded.pad_token_id, loaded.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
     assert loaded.padding_side == "left"
-    for text in UNICODE_SAMPLES:
+    for text in [*UNICODE_SAMPLES, NON_NFC]:
         ids = loaded(text, add_special_tokens=False)["input_ids"]
         assert ids == tok(text, add_special_tokens=False)["input_ids"]
         assert loaded.decode(ids) == text
@@ -145,6 +147,14 @@ def test_reference_checkpoint_loads_and_answers_in_format():
     assert model.config.vocab_size >= len(tok)
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id
+    # transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer (NFC-normalising); on
+    # NFC text it must give exactly the ids of the tokenizer the model was trained with.
+    built = build_byte_tokenizer()
+    assert (tok.pad_token_id, tok.eos_token_id, tok.padding_side) == (built.pad_token_id, built.eos_token_id, "left")
+    for text in UNICODE_SAMPLES:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == built(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
 
     problems = make_problems("test", 8)
     enc = tok([p["prompt"] for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
