@@ -75,7 +75,7 @@ class VstarConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(60, ge=0)
+    steps: int = Field(200, ge=0)
     """Rollout steps: each samples ONE response for each of `rollout_batch_size` prompts."""
     rollout_batch_size: int = Field(64, ge=1)
     """Prompts per rollout step (paper: 256)."""
