@@ -117,3 +117,20 @@ def test_new_beta1_reuses_reference_samples(first_run, tiny_model_dir):
     assert out["stage_status"]["preprocess"] == "skipped"
     assert out["stage_status"]["sample_reference"] == "skipped"
     assert out["stages_recomputed"] == ["aggregate_vstar", "train_online", "evaluate"]
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_end_to_end(prefect_api, tmp_path):
+    """The shipped reference model, a shortened default job: A*-PO must raise held-out accuracy
+    (measured here: 37.0% -> 53.0% on 300 prompts in ~75 s on 2 cores)."""
+    from flows.apo import apo
+
+    cfg = load_config(overrides=[
+        "run_id=learn", f"artifact_root={tmp_path}", "data.train_size=512", "data.test_size=300",
+        "reference.n_samples=4", "train.steps=60",
+    ])
+    summary = apo(config=cfg)
+    assert 0.25 <= summary["reference_accuracy"] <= 0.5  # the reference is partial, as shipped
+    assert summary["trained_accuracy"] >= summary["reference_accuracy"] + 0.08
+    metrics = pl.read_parquet(f"{tmp_path}/learn/train_online/metrics.parquet")
+    assert metrics.height == 60 and metrics["train/kl"].tail(10).mean() > 0
