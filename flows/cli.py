@@ -27,6 +27,8 @@ def _summary_table(summary: dict) -> str:
     ]
     for stage, seconds in summary["stage_seconds"].items():
         lines.append(f"  {stage:<18}{summary['stage_status'][stage]:<10}{seconds:>9.1f}{summary['stage_peak_rss_mb'][stage]:>13.0f}")
+    if any(status == "skipped" for status in summary["stage_status"].values()):
+        lines.append("  (a skipped stage shows the time and memory of the run that computed it)")
     lines += [
         "",
         f"  recomputed: {', '.join(summary['stages_recomputed']) or 'nothing (every stage was complete)'}",

@@ -119,6 +119,25 @@ def test_new_beta1_reuses_reference_samples(first_run, tiny_model_dir):
     assert out["stages_recomputed"] == ["aggregate_vstar", "train_online", "evaluate"]
 
 
+
+def test_more_steps_resume_training_from_the_last_checkpoint(prefect_api, tiny_model_dir, tmp_path):
+    from flows.apo import apo
+
+    short = tiny_config(tmp_path, tiny_model_dir, **{"train.steps": 2, "train.checkpoint_every": 1})
+    apo(config=short)
+    longer = short.model_copy(update={"train": short.train.model_copy(update={"steps": 4})})
+    out = apo(config=longer)
+    assert out["stages_recomputed"] == ["train_online", "evaluate"]
+    metrics = pl.read_parquet(f"{tmp_path}/flowtest/train_online/metrics.parquet")
+    assert metrics["step"].to_list() == [1, 2, 3, 4]  # steps 1-2 came from the checkpoint, not a rerun
+    state = json.loads(open(f"{tmp_path}/flowtest/train_online/checkpoints/step_000004/trainer_state.json").read())
+    assert state["step"] == 4
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(out["mlflow_tracking_uri"]).get_metric_history(out["mlflow_stage_runs"]["train_online"], "train/loss")
+    assert [m.step for m in history] == [3, 4]  # the resumed stage trained only the new steps
+
+
 @pytest.mark.slow
 def test_embedded_model_learns_end_to_end(prefect_api, tmp_path):
     """The shipped reference model, a shortened default job: A*-PO must raise held-out accuracy
