@@ -23,15 +23,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+DATA_SETS = ("embedded", "custom", "gsm8k", "math", "math500", "amc23", "aime24")
+
+
 class DataConfig(_Section):
-    name: Literal["embedded"] = "embedded"
-    """Prompt set: `embedded` is the synthetic multi-step arithmetic task shipped with apo."""
+    name: Literal["embedded", "custom", "gsm8k", "math", "math500", "amc23", "aime24"] = "embedded"
+    """Prompt set: `embedded` (synthetic arithmetic shipped with apo), a built-in (gsm8k, math, math500, amc23, aime24: hub, or the paths below), or `custom` (paths below)."""
+    train_path: str | None = None
+    """Training rows as JSONL or Parquet at any local or fsspec path; None: the built-in's hub file."""
+    test_path: str | None = None
+    """Held-out rows as JSONL or Parquet at any local or fsspec path; None: the built-in's hub file."""
+    prompt_field: str | None = None
+    """Column holding the question; None: the built-in's (question / problem), `prompt` for custom."""
+    answer_field: str | None = None
+    """Column holding the gold answer or solution; None: the built-in's, `answer` for custom."""
+    answer_from: Literal["field", "gsm8k_solution", "boxed"] | None = None
+    """How to read the gold: the field as is, the text after GSM8K's `#### `, or MATH's last \\boxed{}."""
+    id_field: str | None = None
+    """Column with a stable row id; None: the built-in's, else the row index."""
+    template: str = "auto"
+    """Prompt template: `auto` (the paper's for the data set), `gsm8k`, `math`, `raw`, `chat` (the model's chat template), or a string containing {question}."""
+    max_prompt_tokens: int = Field(1024, ge=1)
+    """Prompts longer than this (model tokens) are skipped and counted."""
     train_size: int = Field(1024, ge=1)
-    """Training prompts (stage 1 samples each N times; stage 2 regresses on them)."""
+    """Training prompts (the embedded task generates this many; file/hub data uses at most this many rows)."""
     test_size: int = Field(500, ge=1)
-    """Held-out prompts for evaluation, never seen in training."""
+    """Held-out prompts for evaluation, never seen in training (at most this many rows for file/hub data)."""
     seed: int = 0
     """Seed of the prompt generator / shuffle."""
+
+    @model_validator(mode="after")
+    def _template_ok(self) -> "DataConfig":
+        if self.template not in ("auto", "gsm8k", "math", "raw", "chat") and "{question}" not in self.template:
+            raise ValueError(f"template {self.template!r} must be auto, gsm8k, math, raw, chat or contain {{question}}")
+        if self.name == "custom" and not self.train_path:
+            raise ValueError("name 'custom' needs train_path (and test_path) to JSONL or Parquet files")
+        return self
 
 
 class ModelConfig(_Section):
@@ -139,8 +166,8 @@ class ApoConfig(_Section):
     """Run id: artifacts go under <artifact_root>/<run_id>/; re-using one resumes it. None: a timestamp."""
     artifact_root: str = "./.apo"
     """Where stages exchange Parquet: a local folder or any fsspec URI (s3://bucket/prefix)."""
-    reward: Literal["embedded", "gsm8k"] = "embedded"
-    """Verifier that scores responses (see apo_core.rewards)."""
+    reward: Literal["auto", "embedded", "gsm8k", "math"] = "auto"
+    """Verifier that scores responses (apo_core.rewards); `auto`: the data set's own (gsm8k for gsm8k and custom, math for the MATH family)."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -155,6 +182,13 @@ class ApoConfig(_Section):
         if self.run_id is not None and not _RUN_ID.match(self.run_id):
             raise ValueError(f"run_id {self.run_id!r} must match {_RUN_ID.pattern}")
         return self
+
+    @property
+    def reward_name(self) -> str:
+        """The verifier actually used (resolves `auto`)."""
+        if self.reward != "auto":
+            return self.reward
+        return {"embedded": "embedded", "gsm8k": "gsm8k", "custom": "gsm8k"}.get(self.data.name, "math")
 
     def with_run_id(self) -> "ApoConfig":
         """This config with run_id filled in (a UTC timestamp when unset)."""
@@ -192,6 +226,18 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _parse_value(raw: str) -> Any:
+    """A --set value: YAML scalars and lists (1e-5, true, null, [a, b]); anything YAML reads as a
+    mapping, such as a template "Q: {question}", stays the string it was written as."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -211,7 +257,7 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"config: override {item!r} must look like key=value (e.g. train.lr=1e-5)")
-        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_dotted(tree, key.strip(), _parse_value(raw))
     try:
         return ApoConfig.model_validate(tree)
     except ValidationError as exc:

@@ -1,8 +1,16 @@
-"""Prompt records: the rows every stage passes along (prompt_id, prompt, answer, split)."""
+"""Prompt records: the rows every stage passes along (prompt_id, prompt, answer, split).
+
+Raw rows (dicts read from JSONL/Parquet by the caller) become records here: the gold answer
+is taken from a field or extracted from a solution (GSM8K's `#### ` line, MATH's last
+`\\boxed{}`), the question is rendered through a prompt template, and bad rows are skipped
+and counted per reason, never silently dropped.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 from .config import DataConfig
 
@@ -18,13 +26,176 @@ class PromptRecord:
         return asdict(self)
 
 
-def build_prompt_set(cfg: DataConfig) -> list[PromptRecord]:
-    """Training and held-out prompts for the configured data set."""
-    if cfg.name == "embedded":
-        from .embedded import make_problems
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A built-in data set: where it lives on the hub and how to read its rows."""
 
-        rows = []
-        for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
-            rows += [PromptRecord(p["prompt_id"], p["prompt"], p["answer"], split) for p in make_problems(split, n, cfg.seed)]
-        return rows
-    raise ValueError(f"unknown data set {cfg.name!r}; valid: embedded")
+    hub_id: str
+    files: dict[str, str]  # split -> file inside the hub repo
+    prompt_field: str
+    answer_field: str
+    answer_from: str  # "field", "gsm8k_solution" or "boxed"
+    template: str  # key of TEMPLATES
+    reward: str
+    hub_revision: str = "main"  # no hub is reachable where apo is built: not pinned to a commit yet
+    id_field: str | None = None
+
+
+BUILTIN: dict[str, DatasetSpec] = {
+    "gsm8k": DatasetSpec("openai/gsm8k", {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"},
+                         "question", "answer", "gsm8k_solution", "gsm8k", "gsm8k"),
+    "math": DatasetSpec("DigitalLearningGmbH/MATH-lighteval", {"train": "data/train-00000-of-00001.parquet", "test": "data/test-00000-of-00001.parquet"},
+                        "problem", "solution", "boxed", "math", "math"),
+    "math500": DatasetSpec("HuggingFaceH4/MATH-500", {"test": "test.jsonl"}, "problem", "answer", "field", "math", "math", id_field="unique_id"),
+    "amc23": DatasetSpec("math-ai/amc23", {"test": "test-00000-of-00001.parquet"}, "problem", "answer", "field", "math", "math", id_field="id"),
+    "aime24": DatasetSpec("HuggingFaceH4/aime_2024", {"train": "data/train-00000-of-00001.parquet"}, "problem", "answer", "field", "math", "math", id_field="id"),
+}
+
+TEMPLATES: dict[str, str] = {
+    # The paper's prompts.
+    "gsm8k": "{question}\nLet's think step by step and output the final answer after \"####\".",
+    "math": "{question}\nLet's think step by step and output the final answer within \\boxed{{}}.",
+    "raw": "{question}",
+}
+
+
+def render_prompt(question: str, template: str, chat_template: Callable[[str], str] | None = None) -> str:
+    """The prompt for `question`: a TEMPLATES key, `chat` (the model's chat template, applied to
+    the paper's instruction), or a user string containing `{question}`."""
+    if template == "chat":
+        if chat_template is None:
+            raise ValueError("template 'chat' needs a tokenizer with a chat template")
+        return chat_template(question)
+    text = TEMPLATES.get(template, template)
+    return text.format(question=question)
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} (or \fbox{...}), nested braces handled.
+
+    >>> last_boxed(r"so \boxed{\frac{1}{2}} and \boxed{3}")
+    '3'
+    >>> last_boxed(r"\boxed{\frac{a}{b}}")
+    '\\frac{a}{b}'
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i].strip()
+    return None
+
+
+def gold_answer(value: Any, answer_from: str) -> str | None:
+    """The gold answer from a raw field: as is, after GSM8K's `#### `, or the last \\boxed{}."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # AMC's answers come as floats (27.0)
+    text = str(value).strip()
+    if answer_from == "gsm8k_solution":
+        if "####" not in text:
+            return None
+        text = text.rsplit("####", 1)[1].strip().replace(",", "")
+    elif answer_from == "boxed":
+        text = last_boxed(text) or ""
+    elif answer_from != "field":
+        raise ValueError(f"unknown answer_from {answer_from!r}; valid: field, gsm8k_solution, boxed")
+    return text or None
+
+
+@dataclass
+class Cleaned:
+    records: list[PromptRecord] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+
+
+def clean_rows(
+    rows: Iterable[dict],
+    *,
+    split: str,
+    name: str,
+    prompt_field: str,
+    answer_field: str,
+    answer_from: str,
+    template: str,
+    id_field: str | None = None,
+    max_prompt_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    chat_template: Callable[[str], str] | None = None,
+    limit: int | None = None,
+) -> Cleaned:
+    """Records from raw rows; a bad row is skipped and counted under one reason:
+    missing_prompt, missing_answer, wrong_type, duplicate_id, too_long."""
+    out = Cleaned()
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        if limit is not None and len(out.records) >= limit:
+            break
+        question = row.get(prompt_field)
+        if question is None or (isinstance(question, str) and not question.strip()):
+            out.skipped["missing_prompt"] += 1
+            continue
+        if not isinstance(question, str):
+            out.skipped["wrong_type"] += 1
+            continue
+        raw_answer = row.get(answer_field)
+        if raw_answer is not None and not isinstance(raw_answer, (str, int, float)) or isinstance(raw_answer, bool):
+            out.skipped["wrong_type"] += 1
+            continue
+        answer = gold_answer(raw_answer, answer_from)
+        if answer is None:
+            out.skipped["missing_answer"] += 1
+            continue
+        raw_id = row.get(id_field) if id_field else None
+        prompt_id = f"{name}-{split}-{raw_id if raw_id is not None else f'{index:06d}'}"
+        if prompt_id in seen:
+            out.skipped["duplicate_id"] += 1
+            continue
+        prompt = render_prompt(question.strip(), template, chat_template)
+        if max_prompt_tokens and count_tokens and count_tokens(prompt) > max_prompt_tokens:
+            out.skipped["too_long"] += 1
+            continue
+        seen.add(prompt_id)
+        out.records.append(PromptRecord(prompt_id, prompt, answer, split))
+    return out
+
+
+def embedded_prompt_set(cfg: DataConfig) -> list[PromptRecord]:
+    """Training and held-out prompts of the embedded arithmetic task."""
+    from .embedded import make_problems
+
+    rows = []
+    for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
+        rows += [PromptRecord(p["prompt_id"], p["prompt"], p["answer"], split) for p in make_problems(split, n, cfg.seed)]
+    return rows
+
+
+def spec_for(cfg: DataConfig) -> DatasetSpec:
+    """The built-in spec of cfg.name, with the config's field overrides applied."""
+    base = BUILTIN.get(cfg.name)
+    if base is None and cfg.name != "custom":
+        raise ValueError(f"unknown data set {cfg.name!r}; valid: embedded, custom, {', '.join(BUILTIN)}")
+    base = base or DatasetSpec("", {}, "prompt", "answer", "field", "raw", "gsm8k")
+    return DatasetSpec(
+        hub_id=base.hub_id, files=base.files, hub_revision=base.hub_revision,
+        prompt_field=cfg.prompt_field or base.prompt_field,
+        answer_field=cfg.answer_field or base.answer_field,
+        answer_from=cfg.answer_from or base.answer_from,
+        template=cfg.template if cfg.template != "auto" else base.template,
+        reward=base.reward, id_field=cfg.id_field or base.id_field,
+    )
+
+
+def summarize_skips(skipped: Sequence[tuple[str, Counter]]) -> dict[str, int]:
+    """{'<split>/<reason>': rows} over splits."""
+    return {f"{split}/{reason}": n for split, counts in skipped for reason, n in sorted(counts.items())}

@@ -30,9 +30,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
-    """(model, tokenizer) from a local folder or hub id; the tokenizer pads on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str):
+    """Tokenizer of a local folder or hub id, padding on the left (batched generation)."""
+    from transformers import AutoTokenizer
 
     resolved = resolve_model_path(path)
     if path != "embedded" and not Path(resolved).exists() and "/" not in resolved:
@@ -41,6 +41,15 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
+    """(model, tokenizer) from a local folder or hub id; the tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_path(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_DTYPES[dtype])
     model.to(pick_device(device))
     return model, tokenizer

@@ -26,7 +26,7 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
         frames, metrics = [], {}
         for name, path in models.items():
             model, tokenizer = load_model(cfg, path)
-            rows, m = evaluate_model(engine_for(cfg, model, tokenizer), records, get_reward(cfg.reward),
+            rows, m = evaluate_model(engine_for(cfg, model, tokenizer), records, get_reward(cfg.reward_name),
                                      max_new_tokens=cfg.eval.max_new_tokens)
             frames.append(pl.DataFrame(rows).with_columns(model=pl.lit(name)))
             metrics.update({f"eval/{name}_{k}": v for k, v in m.items()})
@@ -38,5 +38,5 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
         io.tracker.log_table(io.mlflow_run_id, results.head(200).to_dicts(), "eval_results.json")
         return metrics, {"results": io.path("results.parquet"), "accuracy": io.path("accuracy.json")}
 
-    fp = fingerprint(cfg.eval.model_dump(), cfg.reward, trained.fingerprint, prep.fingerprint)
+    fp = fingerprint(cfg.eval.model_dump(), cfg.reward_name, trained.fingerprint, prep.fingerprint)
     return run_stage(ctx, "evaluate", fp, body)

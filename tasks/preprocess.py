@@ -1,4 +1,5 @@
-"""Stage `preprocess`: the prompt set as prompts.parquet (prompt_id, prompt, answer, split)."""
+"""Stage `preprocess`: the prompt set as prompts.parquet (prompt_id, prompt, answer, split),
+with bad rows counted per reason (skipped.json) and the sources and template recorded."""
 
 from __future__ import annotations
 
@@ -6,10 +7,48 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.data import build_prompt_set
+from apo_core.config import ApoConfig
+from apo_core.data import TEMPLATES, PromptRecord, clean_rows, embedded_prompt_set, render_prompt, spec_for
+from apo_core.modeling import load_tokenizer
 
 from . import storage
+from .datasets import hub_uri, read_rows
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+
+
+def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], dict]:
+    """(records, skipped counts '<split>/<reason>', provenance) for the configured data."""
+    data = cfg.data
+    if data.name == "embedded":
+        return embedded_prompt_set(data), {}, {"source": "apo_core.embedded", "template": "embedded"}
+    spec = spec_for(data)
+    tokenizer = load_tokenizer(cfg.model.path)
+    paper = TEMPLATES["math" if spec.template == "math" else "gsm8k"]
+
+    def chat(question: str) -> str:
+        messages = [{"role": "user", "content": render_prompt(question, paper)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    records: list[PromptRecord] = []
+    skipped: dict[str, int] = {}
+    sources: dict[str, str] = {}
+    for split, path, size in (("train", data.train_path, data.train_size), ("test", data.test_path, data.test_size)):
+        uri = path or hub_uri(spec, split, data.name)
+        cleaned = clean_rows(
+            read_rows(uri), split=split, name=data.name, prompt_field=spec.prompt_field, answer_field=spec.answer_field,
+            answer_from=spec.answer_from, template=spec.template, id_field=spec.id_field,
+            max_prompt_tokens=data.max_prompt_tokens, count_tokens=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]),
+            chat_template=chat if spec.template == "chat" else None, limit=size,
+        )
+        if not cleaned.records:
+            reasons = ", ".join(f"{k}: {v}" for k, v in cleaned.skipped.items()) or "the file is empty"
+            raise ValueError(f"preprocess: no usable {split} row in {uri} ({reasons})")
+        records += cleaned.records
+        skipped.update({f"{split}/{reason}": n for reason, n in cleaned.skipped.items()})
+        sources[split] = uri
+    provenance = {"sources": sources, "hub_revision": spec.hub_revision, "template": TEMPLATES.get(spec.template, spec.template),
+                  "prompt_field": spec.prompt_field, "answer_field": spec.answer_field, "answer_from": spec.answer_from}
+    return records, skipped, provenance
 
 
 @task(name="preprocess", cache_policy=NO_CACHE, retries=1)
@@ -17,13 +56,21 @@ def preprocess(ctx: RunContext) -> StageResult:
     cfg = ctx.config
 
     def body(io: StageIO):
-        records = build_prompt_set(cfg.data)
+        records, skipped, provenance = load_records(cfg)
         df = pl.DataFrame([r.to_row() for r in records], schema={"prompt_id": pl.String, "prompt": pl.String, "answer": pl.String, "split": pl.String})
-        if df["prompt_id"].n_unique() != df.height:
-            raise ValueError("preprocess: duplicate prompt_id in the prompt set")
+        overlap = set(df.filter(pl.col("split") == "train")["prompt"]) & set(df.filter(pl.col("split") == "test")["prompt"])
         storage.write_parquet(df, io.path("prompts.parquet"))
-        counts = {f"data/{s}": float(n) for s, n in df.group_by("split").len().iter_rows()}
-        io.log_metrics(counts)
-        return counts, {"prompts": io.path("prompts.parquet")}
+        storage.write_json({"skipped": skipped, **provenance, "train_test_prompt_overlap": len(overlap)}, io.path("provenance.json"))
+        metrics = {f"data/{s}": float(n) for s, n in df.group_by("split").len().iter_rows()}
+        metrics.update({f"data/skipped/{k}": float(v) for k, v in skipped.items()})
+        metrics["data/train_test_overlap"] = float(len(overlap))
+        if skipped:
+            print(f"[preprocess] skipped rows: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}")
+        if overlap:
+            print(f"[preprocess] WARNING: {len(overlap)} held-out prompts also appear in training")
+        io.log_metrics(metrics)
+        io.tracker.log_dict(io.mlflow_run_id, provenance, "provenance.json")
+        return metrics, {"prompts": io.path("prompts.parquet"), "provenance": io.path("provenance.json")}
 
-    return run_stage(ctx, "preprocess", fingerprint(cfg.data.model_dump()), body)
+    fp = fingerprint(cfg.data.model_dump(), cfg.model.path if cfg.data.name != "embedded" else None)
+    return run_stage(ctx, "preprocess", fp, body)

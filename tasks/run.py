@@ -38,6 +38,7 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
         "stage_status": {r.stage: r.status for r in results},
         "stages_recomputed": [r.stage for r in results if r.status == "ran"],
         "artifacts": {r.stage: r.uri for r in results},
+        "skipped_rows": {k.removeprefix("data/skipped/"): int(v) for r in results for k, v in r.metrics.items() if k.startswith("data/skipped/")},
         "metrics": {k: v for r in results for k, v in r.metrics.items()},
         "mlflow_tracking_uri": ctx.tracking_uri,
         "mlflow_run_id": ctx.parent_run_id,

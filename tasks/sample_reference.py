@@ -26,7 +26,7 @@ def sample_reference(ctx: RunContext, prep: StageResult) -> StageResult:
         engine = engine_for(cfg, model, tokenizer)
         start = time.perf_counter()
         rows = sample(
-            engine, records, get_reward(cfg.reward),
+            engine, records, get_reward(cfg.reward_name),
             n_samples=cfg.reference.n_samples, temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
             max_new_tokens=cfg.reference.max_new_tokens, seed=cfg.reference.seed,
             progress=lambda i, n: print(f"[sample_reference] sample index {i}/{n} done ({time.perf_counter() - start:.1f}s)"),
@@ -46,5 +46,5 @@ def sample_reference(ctx: RunContext, prep: StageResult) -> StageResult:
         io.tracker.log_table(io.mlflow_run_id, df.head(64).to_dicts(), "reference_samples.json")
         return metrics, {"samples": io.path("samples.parquet")}
 
-    fp = fingerprint(cfg.model.model_dump(), cfg.reference.model_dump(), cfg.reward, prep.fingerprint)
+    fp = fingerprint(cfg.model.model_dump(), cfg.reference.model_dump(), cfg.reward_name, prep.fingerprint)
     return run_stage(ctx, "sample_reference", fp, body)

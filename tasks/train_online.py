@@ -37,7 +37,7 @@ def _work_dir(io: StageIO, run_id: str) -> Path:
 def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> StageResult:
     cfg = ctx.config
     resume_fp = fingerprint(
-        cfg.train.model_dump(exclude=_RESUMABLE_CHANGES), cfg.model.model_dump(), cfg.reward, vstar.fingerprint
+        cfg.train.model_dump(exclude=_RESUMABLE_CHANGES), cfg.model.model_dump(), cfg.reward_name, vstar.fingerprint
     )
 
     def body(io: StageIO):
@@ -47,7 +47,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
 
         model, tokenizer = load_model(cfg)
         trainer = OnlineTrainer(model, frozen_reference(model), tokenizer, engine_for(cfg, model, tokenizer),
-                                get_reward(cfg.reward), cfg.train)
+                                get_reward(cfg.reward_name), cfg.train)
         work = _work_dir(io, cfg.run_id or "run")
         ckpt_dir = work / "checkpoints"
         if not storage.is_local(io.uri) and storage.exists(io.path("checkpoints")):
