@@ -24,7 +24,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.lrr=1", "unknown key 'train.lrr'; valid keys here: steps,"),
         ("bogus=1", "unknown key 'bogus'"),
         ("train.lr=-1", "train.lr: Input should be greater than 0 (got -1)"),
-        ("reward=nope", "reward: Input should be 'embedded' or 'gsm8k'"),
+        ("reward=nope", "reward: Input should be 'auto', 'embedded', 'gsm8k' or 'math'"),
         ("train.minibatch_size=48", "minibatch_size (48) must divide rollout_batch_size (64)"),
         ("run_id=a/b", "run_id 'a/b' must match"),
         ("train.steps", "must look like key=value"),
