@@ -147,6 +147,27 @@ class EvalConfig(_Section):
     """Longest evaluation response."""
     evaluate_reference: bool = True
     """Also evaluate the reference model, so the summary shows the gain."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Extra benchmarks beyond the run's held-out split: built-in names (hub) or `name=path` (JSONL/Parquet), e.g. math500=/data/math500.jsonl."""
+    benchmark_limit: int | None = Field(None, ge=1)
+    """Evaluate at most this many problems per benchmark (None: all)."""
+    samples: int = Field(1, ge=1)
+    """K sampled responses per problem besides the greedy one; K > 1 adds avg@K and pass@K."""
+    sample_temperature: float = Field(1.0, gt=0)
+    """Temperature of the K samples."""
+    sample_top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the K samples."""
+    seed: int = 4321
+    """Base seed of the K samples (sample k uses seed + k)."""
+
+    @model_validator(mode="after")
+    def _benchmarks_ok(self) -> "EvalConfig":
+        names = ("gsm8k", "math", "math500", "amc23", "aime24")
+        for entry in self.benchmarks:
+            name = entry.split("=", 1)[0]
+            if name not in names:
+                raise ValueError(f"benchmark {name!r} unknown; valid: {', '.join(names)} (optionally name=path)")
+        return self
 
 
 class TrackingConfig(_Section):

@@ -81,10 +81,18 @@ def evaluate(
     reward_fn: RewardFn,
     *,
     max_new_tokens: int,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Greedy accuracy. Returns per-prompt rows and {accuracy, response_tokens_mean, ...}."""
-    completions = engine.generate([r.prompt for r in records], temperature=0.0, max_new_tokens=max_new_tokens)
-    rewards = reward_fn([c.text for c in completions], [r.answer for r in records])
+    """Greedy accuracy, plus avg@K and pass@K over K sampled responses when samples > 1.
+
+    Returns per-prompt rows and {accuracy, avg@K, pass@K, response_tokens_mean, truncated_frac}.
+    """
+    prompts, answers = [r.prompt for r in records], [r.answer for r in records]
+    completions = engine.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+    rewards = reward_fn([c.text for c in completions], answers)
     rows = [
         dict(prompt_id=r.prompt_id, prompt=r.prompt, answer=r.answer, response=c.text, reward=float(x),
              n_tokens=len(c.token_ids), finish_reason=c.finish_reason)
@@ -97,4 +105,14 @@ def evaluate(
         "response_tokens_mean": sum(len(c.token_ids) for c in completions) / n,
         "truncated_frac": sum(c.finish_reason == "length" for c in completions) / n,
     }
+    if samples > 1:
+        correct = [0.0] * len(records)
+        for k in range(samples):
+            sampled = engine.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + k)
+            for i, x in enumerate(reward_fn([c.text for c in sampled], answers)):
+                correct[i] += x
+        for row, c in zip(rows, correct):
+            row.update(samples=samples, sampled_correct=c, avg_at_k=c / samples, pass_at_k=float(c > 0))
+        metrics[f"avg@{samples}"] = sum(correct) / samples / n
+        metrics[f"pass@{samples}"] = sum(c > 0 for c in correct) / n
     return rows, metrics

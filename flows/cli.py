@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -48,9 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=1e-5 (repeatable)")
     run.add_argument("--run-id", help="run id; re-using one skips completed stages and resumes training")
+    ev = sub.add_parser("evaluate", help="evaluate a model on a benchmark (greedy, and avg@K/pass@K with --samples K)")
+    ev.add_argument("--model", required=True, help="model folder, hub id, or `embedded`")
+    ev.add_argument("--benchmark", required=True, choices=["gsm8k", "math", "math500", "amc23", "aime24"])
+    ev.add_argument("--data-path", help="local or fsspec JSONL/Parquet file of the benchmark (default: the hub)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N problems")
+    ev.add_argument("--samples", type=int, default=1, help="K sampled responses per problem (adds avg@K, pass@K)")
+    ev.add_argument("--out", help="output folder or URI (default ./.apo/eval/<benchmark>-<model>)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="other config keys, e.g. eval.max_new_tokens=1024 (repeatable)")
     args = parser.parse_args(argv)
 
     from apo_core.config import ConfigError, load_config
+
+    if args.command == "evaluate":
+        return _evaluate(args)
 
     try:
         overrides = list(args.overrides) + ([f"run_id={args.run_id}"] if args.run_id else [])
@@ -63,6 +76,43 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = apo(config=cfg)
     print(_summary_table(summary))
+    return 0
+
+
+def _evaluate(args) -> int:
+    import re
+
+    from apo_core.config import ConfigError, load_config
+
+    entry = f"{args.benchmark}={args.data_path}" if args.data_path else args.benchmark
+    overrides = [f"model.path={args.model}", f"eval.samples={args.samples}", *args.overrides]
+    if args.limit:
+        overrides.append(f"eval.benchmark_limit={args.limit}")
+    try:
+        cfg = load_config(overrides=overrides)
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": [entry]})})
+    except ConfigError as exc:
+        print(f"apo: {exc}", file=sys.stderr)
+        return 2
+
+    from apo_core.modeling import load_tokenizer
+    from tasks import storage
+    from tasks.evaluate import benchmark_sets, evaluate_models
+
+    try:
+        sets = benchmark_sets(cfg, load_tokenizer(cfg.model.path))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"apo: {exc}", file=sys.stderr)
+        return 2
+    results, metrics = evaluate_models(cfg, {"model": cfg.model.path}, sets)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.model.rstrip("/").rsplit("/", 1)[-1])
+    out = args.out or f"./.apo/eval/{args.benchmark}-{slug}"
+    storage.write_parquet(results, storage.join(out, "results.parquet"))
+    aggregate = {"model": args.model, "benchmark": args.benchmark, "source": entry, "samples": args.samples,
+                 **{k.removeprefix(f"eval/model_{args.benchmark}_"): v for k, v in metrics.items()}}
+    storage.write_json(aggregate, storage.join(out, "results.json"))
+    print(json.dumps(aggregate, indent=2))
+    print(f"per-problem results: {storage.join(out, 'results.parquet')}")
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 
-from apo_core.data import DatasetSpec
+from apo_core.data import TEMPLATES, Cleaned, DatasetSpec, clean_rows, render_prompt, spec_for
 
 from . import storage
 
@@ -42,3 +42,38 @@ def read_rows(uri: str) -> list[dict]:
             row = {}
         rows.append(row if isinstance(row, dict) else {})
     return rows
+
+
+def load_split(name: str, spec: DatasetSpec, split: str, path: str | None, limit: int | None, tokenizer,
+               max_prompt_tokens: int | None = None) -> tuple[Cleaned, str]:
+    """Cleaned records of one split (from `path`, else the hub) and the URI they came from.
+    Raises a one-line error when no row is usable."""
+    paper = TEMPLATES["math" if spec.template == "math" else "gsm8k"]
+
+    def chat(question: str) -> str:
+        messages = [{"role": "user", "content": render_prompt(question, paper)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    uri = path or hub_uri(spec, split, name)
+    cleaned = clean_rows(
+        read_rows(uri), split=split, name=name, prompt_field=spec.prompt_field, answer_field=spec.answer_field,
+        answer_from=spec.answer_from, template=spec.template, id_field=spec.id_field,
+        max_prompt_tokens=max_prompt_tokens, count_tokens=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]),
+        chat_template=chat if spec.template == "chat" else None, limit=limit,
+    )
+    if not cleaned.records:
+        reasons = ", ".join(f"{k}: {v}" for k, v in cleaned.skipped.items()) or "the file is empty"
+        raise ValueError(f"no usable {split} row in {uri} ({reasons})")
+    return cleaned, uri
+
+
+def load_benchmark(entry: str, tokenizer, limit: int | None = None, template: str = "auto"):
+    """Records of a benchmark given as `name` (hub) or `name=path`; the held-out split of it
+    (`test`, or the only split an eval set has on the hub)."""
+    from apo_core.config import DataConfig
+
+    name, _, path = entry.partition("=")
+    spec = spec_for(DataConfig(name=name, template=template))
+    split = "test" if "test" in spec.files or path else next(iter(spec.files))
+    cleaned, uri = load_split(name, spec, split, path or None, limit, tokenizer)
+    return cleaned, uri

@@ -1,17 +1,54 @@
-"""Stage `evaluate`: greedy held-out accuracy of the trained model (and the reference)."""
+"""Stage `evaluate`: greedy held-out accuracy (and avg@K / pass@K) of the trained model and the
+reference, on the run's held-out split and on the configured benchmarks."""
 
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from apo_core.config import ApoConfig
+from apo_core.data import PromptRecord
+from apo_core.modeling import load_tokenizer
 from apo_core.rewards import get_reward
 from apo_core.rollouts import evaluate as evaluate_model
 
 from . import storage
 from .common import engine_for, load_model, read_prompts
+from .datasets import load_benchmark
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+
+
+def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str, tuple[Sequence[PromptRecord], str]]):
+    """Every model on every set. sets: name -> (records, reward name); the run's own held-out
+    set is named "heldout" and its metrics keep the short names eval/<model>_accuracy.
+    Returns (per-problem frame, metrics)."""
+    frames, metrics = [], {}
+    for model_name, path in models.items():
+        model, tokenizer = load_model(cfg, path)
+        engine = engine_for(cfg, model, tokenizer)
+        for set_name, (records, reward) in sets.items():
+            rows, m = evaluate_model(
+                engine, records, get_reward(reward), max_new_tokens=cfg.eval.max_new_tokens, samples=cfg.eval.samples,
+                temperature=cfg.eval.sample_temperature, top_p=cfg.eval.sample_top_p, seed=cfg.eval.seed,
+            )
+            frames.append(pl.DataFrame(rows).with_columns(model=pl.lit(model_name), benchmark=pl.lit(set_name)))
+            prefix = f"eval/{model_name}_" if set_name == "heldout" else f"eval/{model_name}_{set_name}_"
+            metrics.update({prefix + k: v for k, v in m.items()})
+            extra = "".join(f", {k} {v:.3f}" for k, v in m.items() if "@" in k)
+            print(f"[evaluate] {model_name} on {set_name}: greedy accuracy {m['accuracy']:.3f}{extra} ({len(rows)} problems)")
+    return pl.concat(frames, how="diagonal"), metrics
+
+
+def benchmark_sets(cfg: ApoConfig, tokenizer) -> dict[str, tuple[list[PromptRecord], str]]:
+    sets = {}
+    for entry in cfg.eval.benchmarks:
+        name = entry.split("=", 1)[0]
+        cleaned, _ = load_benchmark(entry, tokenizer, cfg.eval.benchmark_limit)
+        sets[name] = (cleaned.records, "gsm8k" if name == "gsm8k" else "math")
+    return sets
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -19,19 +56,13 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
     cfg = ctx.config
 
     def body(io: StageIO):
-        records = read_prompts(prep, "test")
         models = {"trained": trained.outputs["model"]}
         if cfg.eval.evaluate_reference:
             models = {"reference": cfg.model.path, **models}
-        frames, metrics = [], {}
-        for name, path in models.items():
-            model, tokenizer = load_model(cfg, path)
-            rows, m = evaluate_model(engine_for(cfg, model, tokenizer), records, get_reward(cfg.reward_name),
-                                     max_new_tokens=cfg.eval.max_new_tokens)
-            frames.append(pl.DataFrame(rows).with_columns(model=pl.lit(name)))
-            metrics.update({f"eval/{name}_{k}": v for k, v in m.items()})
-            print(f"[evaluate] {name}: greedy accuracy {m['accuracy']:.3f} on {len(rows)} held-out prompts")
-        results = pl.concat(frames)
+        sets = {"heldout": (read_prompts(prep, "test"), cfg.reward_name)}
+        if cfg.eval.benchmarks:
+            sets.update(benchmark_sets(cfg, load_tokenizer(cfg.model.path)))
+        results, metrics = evaluate_models(cfg, models, sets)
         storage.write_parquet(results, io.path("results.parquet"))
         storage.write_json(metrics, io.path("accuracy.json"))
         io.log_metrics(metrics)

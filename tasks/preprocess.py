@@ -8,11 +8,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from apo_core.config import ApoConfig
-from apo_core.data import TEMPLATES, PromptRecord, clean_rows, embedded_prompt_set, render_prompt, spec_for
+from apo_core.data import TEMPLATES, PromptRecord, embedded_prompt_set, spec_for
 from apo_core.modeling import load_tokenizer
 
 from . import storage
-from .datasets import hub_uri, read_rows
+from .datasets import load_split
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 
@@ -23,26 +23,14 @@ def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], di
         return embedded_prompt_set(data), {}, {"source": "apo_core.embedded", "template": "embedded"}
     spec = spec_for(data)
     tokenizer = load_tokenizer(cfg.model.path)
-    paper = TEMPLATES["math" if spec.template == "math" else "gsm8k"]
-
-    def chat(question: str) -> str:
-        messages = [{"role": "user", "content": render_prompt(question, paper)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     records: list[PromptRecord] = []
     skipped: dict[str, int] = {}
     sources: dict[str, str] = {}
     for split, path, size in (("train", data.train_path, data.train_size), ("test", data.test_path, data.test_size)):
-        uri = path or hub_uri(spec, split, data.name)
-        cleaned = clean_rows(
-            read_rows(uri), split=split, name=data.name, prompt_field=spec.prompt_field, answer_field=spec.answer_field,
-            answer_from=spec.answer_from, template=spec.template, id_field=spec.id_field,
-            max_prompt_tokens=data.max_prompt_tokens, count_tokens=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]),
-            chat_template=chat if spec.template == "chat" else None, limit=size,
-        )
-        if not cleaned.records:
-            reasons = ", ".join(f"{k}: {v}" for k, v in cleaned.skipped.items()) or "the file is empty"
-            raise ValueError(f"preprocess: no usable {split} row in {uri} ({reasons})")
+        try:
+            cleaned, uri = load_split(data.name, spec, split, path, size, tokenizer, data.max_prompt_tokens)
+        except ValueError as exc:
+            raise ValueError(f"preprocess: {exc}") from None
         records += cleaned.records
         skipped.update({f"{split}/{reason}": n for reason, n in cleaned.skipped.items()})
         sources[split] = uri
