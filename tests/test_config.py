@@ -53,3 +53,15 @@ def test_every_field_is_documented():
 def test_with_run_id_fills_a_timestamp():
     assert load_config().with_run_id().run_id.startswith("run-")
     assert load_config(overrides=["run_id=x1"]).with_run_id().run_id == "x1"
+
+
+def test_example_gpu_configs_load_with_the_paper_settings():
+    from pathlib import Path
+
+    paths = sorted(Path("configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"gsm8k-qwen2.5-1.5b.yaml", "math-qwen2.5-7b.yaml"}
+    for path in paths:
+        cfg = load_config(path)
+        assert (cfg.train.lr, cfg.train.beta2, cfg.vstar.beta1, cfg.reference.n_samples) == (1e-6, 1e-3, 0.5, 8), path
+        assert (cfg.train.rollout_batch_size, cfg.train.minibatch_size, cfg.train.weight_decay) == (256, 128, 0.01), path
+        assert cfg.model.path.startswith("Qwen/Qwen2.5-")
