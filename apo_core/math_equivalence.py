@@ -48,7 +48,10 @@ def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
     start, command = max((text.rfind(c), c) for c in _BOX_COMMANDS)
     if start < 0:
         return None
-    i = start + len(command)
+    after = start + len(command)
+    i = after
+    while text.startswith(" ", i):
+        i += 1
     if text.startswith("{", i):
         depth = 0
         for j in range(i, min(len(text), i + max_chars + 2)):
@@ -59,9 +62,9 @@ def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
                 if depth == 0:
                     return text[i + 1 : j].strip()
         return None  # unbalanced, or longer than max_chars
-    if text.startswith(" ", i):  # "\boxed 5": one token, as TeX reads it
-        token = re.match(r"\s*([^\s$]+)", text[i : i + max_chars + 1])
-        return token.group(1).rstrip(".") if token else None
+    if i > after:  # "\boxed 5": one token, as TeX reads it
+        token = re.match(r"[^\s$]+", text[i : i + max_chars + 1])
+        return token.group(0).rstrip(".") if token else None
     return None
 
 
@@ -85,6 +88,7 @@ _FRAC_HALF_NUM = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*(\{)")  # \frac1{2}
 _SQRT_SHORT = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")  # \sqrt2
 _VARIABLE_PREFIX = re.compile(r"^[a-zA-Z](?:_\{?\w+\}?)?(?:=|\\in(?![A-Za-z]))(?!.*=)")  # "x=5", "x \in [1,2]"
 _CHOICE = re.compile(r"^\(([A-Z])\)$")
+_PARENTHESISED_NUMBER = re.compile(r"^\((-?[\d.]+)\)$")  # "(073)", as in \textbf{(073)}
 
 
 def normalize_answer(s: str) -> str:
@@ -109,6 +113,7 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\s+", "", s).rstrip(".")
     s = _VARIABLE_PREFIX.sub("", s)
     s = _CHOICE.sub(r"\1", s)
+    s = _PARENTHESISED_NUMBER.sub(r"\1", s)
     return re.sub(r"(?<!\d)\.(\d)", r"0.\1", s)  # .5 -> 0.5
 
 
@@ -416,8 +421,12 @@ class VerifierPool:
                 if not pending[worker]:
                     del pending[worker], deadline[worker]
             now = time.monotonic()
-            for worker in [w for w in pending if deadline[w] <= now]:
-                replace(worker, "timeout")
+            expired = [w for w in pending if deadline[w] <= now]
+            # One whose answer is waiting was not slow: this loop was (starting a replacement).
+            answered = set(wait(expired, 0)) if expired else set()
+            for worker in expired:
+                if worker not in answered:
+                    replace(worker, "timeout")
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -434,7 +443,14 @@ class MathReward:
     ``verified`` (responses scored), ``no_answer`` (no complete ``\boxed{}`` in the last
     ``MAX_TAIL_CHARS``, or one longer than ``MAX_ANSWER_CHARS``), ``errors`` (the verifier raised
     or its worker died) and ``timeouts`` (killed after ``timeout_s``). Every one of those scores
-    0.0; none raises. Safe to call from any thread; calls are serialised.
+    0.0 and none raises; only a worker that cannot start at all (math-verify missing) does. Safe
+    to call from any thread; calls are serialised.
+
+    >>> reward = MathReward()
+    >>> reward([r"so \boxed{0.5}", r"\boxed{(3, \dfrac{\pi}{2})}", "no box"], [r"\frac12", r"\left( 3, \frac{\pi}{2} \right)", "1"])
+    [1.0, 1.0, 0.0]
+    >>> reward.stats
+    {'verified': 3, 'no_answer': 1, 'errors': 0, 'timeouts': 0}
     """
 
     def __init__(self, timeout_s: float = 5.0, n_workers: int | None = None):
@@ -455,7 +471,7 @@ class MathReward:
                 if pred is None:
                     counts["no_answer"] += 1
                     continue
-                gold = gold_answer(answer)
+                gold = gold_answer(answer if isinstance(answer, str) else str(answer))  # AMC23 golds are floats
                 decided = quick_equivalent(gold, pred)
                 if decided is None:
                     jobs.setdefault((_math_verify_form(gold), _math_verify_form(pred)), []).append(row)

@@ -72,7 +72,7 @@ def gsm8k_reward(completions: Sequence[str], answers: Sequence[str]) -> list[flo
         raise ValueError(f"got {len(completions)} completions for {len(answers)} answers")
     rewards = []
     for completion, answer in zip(completions, answers):
-        got, gold = extract_final_number(completion), extract_final_number(answer)
+        got, gold = extract_final_number(completion), extract_final_number(str(answer))
         # Tolerance covers float noise only: 1e-6 relative would accept 1,450,001 for 1,450,000.
         rewards.append(float(got is not None and gold is not None and math.isclose(got, gold, rel_tol=1e-9, abs_tol=1e-9)))
     return rewards

@@ -90,6 +90,10 @@ def test_extract_final_number():
     assert extract_final_number("x" * 1_000_000 + " 7") == 7.0  # long input: only the tail is read
 
 
+def test_non_string_gold_is_read_as_text():
+    assert gsm8k_reward(["#### 18", "#### 18"], [18, 18.0]) == [1.0, 1.0]
+
+
 def test_length_mismatch_raises():
     with pytest.raises(ValueError, match="2 completions for 1 answers"):
         gsm8k_reward(["#### 1", "#### 2"], ["1"])

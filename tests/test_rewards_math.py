@@ -43,6 +43,9 @@ CASES = [
     (r"\frac{1}{0}", "5", 0.0),
     # integers, signs, thousands, money, percent
     ("-50", "-50", 1.0),
+    ("25", "025", 1.0),  # AIME golds are zero-padded
+    ("27", "27.0", 1.0),  # AMC23 golds are floats
+    (r"\textbf{(073)}", "073", 1.0),  # as an AIME solution boxes it
     ("2", "-2", 0.0),
     ("10080", r"10,\!080", 1.0),
     ("10,080", "10080", 1.0),
@@ -131,8 +134,15 @@ CASES = [
     ("4210_5", "4210_{5}", 1.0),
     ("52_{10}", "52_8", 0.0),
     ("40_9", "40", 0.0),  # 40 in base 9 is 36 (math-verify drops the subscript: 1.0)
-    # nothing in the box
+    # nothing in the box, or answers that hedge (what a policy would learn to exploit)
     ("", "5", 0.0),
+    ("1,2,3,4,5,6,7,8,9,10", "5", 0.0),
+    (r"\pm 5", "5", 0.0),
+    ("[0,10]", "5", 0.0),
+    (r"\{1,-2,3\}", "1,-2", 0.0),
+    ("5 = 5", "5", 0.0),
+    (r"5 \text{ or } 6", "5", 0.0),
+    (r"\mathbb{R}", r"(-\infty,\infty)", 1.0),
 ]
 
 
@@ -173,6 +183,7 @@ def test_hand_written_cases(math_reward):
     (r"\boxed{1} then \boxed{\{1, 2\}}", r"\{1, 2\}"),  # the last one, nested braces
     (r"\fbox{7}", "7"),
     (r"The answer is $\boxed 5$.", "5"),
+    (r"\boxed {12}", "12"),
     (r"\boxed{\boxed{3}}", "3"),
     (r"\boxed{unclosed", None),
     ("no box at all", None),
@@ -198,6 +209,10 @@ def test_no_answer_is_counted(math_reward):
     assert after["no_answer"] - before["no_answer"] == 2
     assert after["verified"] - before["verified"] == 2
     assert set(after) == {"verified", "no_answer", "errors", "timeouts"}
+
+
+def test_non_string_gold_is_read_as_text(math_reward):
+    assert math_reward([r"\boxed{27}", r"\boxed{28}"], [27.0, 27]) == [1.0, 0.0]
 
 
 def test_length_mismatch_raises(math_reward):
