@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from .config import DataConfig
+from .math_equivalence import last_boxed
 
 
 @dataclass(frozen=True)
@@ -68,31 +69,6 @@ def render_prompt(question: str, template: str, chat_template: Callable[[str], s
         return chat_template(question)
     text = TEMPLATES.get(template, template)
     return text.format(question=question)
-
-
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} (or \fbox{...}), nested braces handled.
-
-    >>> last_boxed(r"so \boxed{\frac{1}{2}} and \boxed{3}")
-    '3'
-    >>> last_boxed(r"\boxed{\frac{a}{b}}")
-    '\\frac{a}{b}'
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1 : i].strip()
-    return None
 
 
 def gold_answer(value: Any, answer_from: str) -> str | None:

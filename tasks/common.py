@@ -22,6 +22,14 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def verifier_metrics(reward: str, before: dict[str, int]) -> dict[str, float]:
+    """What the verifier counted since `before` (= reward_stats(reward) at the stage start):
+    failures score 0 and are reported here, never raised."""
+    from apo_core.rewards import reward_stats
+
+    return {f"verifier/{k}": float(v - before.get(k, 0)) for k, v in reward_stats(reward).items()}
+
+
 def load_model(cfg: ApoConfig, path: str | None = None):
     """(model, tokenizer) for `path` (default: the configured reference model), any URI."""
     quiet_transformers()

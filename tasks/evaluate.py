@@ -12,11 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from apo_core.config import ApoConfig
 from apo_core.data import PromptRecord
 from apo_core.modeling import load_tokenizer
-from apo_core.rewards import get_reward
+from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import evaluate as evaluate_model
 
 from . import storage
-from .common import engine_for, load_model, read_prompts
+from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .datasets import load_benchmark
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
@@ -56,6 +56,7 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
     cfg = ctx.config
 
     def body(io: StageIO):
+        verifier_before = reward_stats(cfg.reward_name)
         models = {"trained": trained.outputs["model"]}
         if cfg.eval.evaluate_reference:
             models = {"reference": cfg.model.path, **models}
@@ -63,6 +64,7 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
         if cfg.eval.benchmarks:
             sets.update(benchmark_sets(cfg, load_tokenizer(cfg.model.path)))
         results, metrics = evaluate_models(cfg, models, sets)
+        metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         storage.write_parquet(results, io.path("results.parquet"))
         storage.write_json(metrics, io.path("accuracy.json"))
         io.log_metrics(metrics)

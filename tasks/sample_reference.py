@@ -8,11 +8,11 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.rewards import get_reward
+from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import sample_reference as sample
 
 from . import storage
-from .common import engine_for, load_model, read_prompts
+from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 
@@ -21,6 +21,7 @@ def sample_reference(ctx: RunContext, prep: StageResult) -> StageResult:
     cfg = ctx.config
 
     def body(io: StageIO):
+        verifier_before = reward_stats(cfg.reward_name)
         records = read_prompts(prep, "train")
         model, tokenizer = load_model(cfg)
         engine = engine_for(cfg, model, tokenizer)
@@ -42,6 +43,7 @@ def sample_reference(ctx: RunContext, prep: StageResult) -> StageResult:
             "reference/truncated_frac": float((df["finish_reason"] == "length").mean()),
             "reference/tokens_per_s": n_tokens / max(seconds, 1e-9),
         }
+        metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         io.log_metrics(metrics)
         io.tracker.log_table(io.mlflow_run_id, df.head(64).to_dicts(), "reference_samples.json")
         return metrics, {"samples": io.path("samples.parquet")}

@@ -14,11 +14,11 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.rewards import get_reward
+from apo_core.rewards import get_reward, reward_stats
 from apo_core.trainer import OnlineTrainer, TrainPrompt, frozen_reference, list_checkpoints
 
 from . import storage
-from .common import engine_for, load_model, read_prompts
+from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
@@ -41,6 +41,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
     )
 
     def body(io: StageIO):
+        verifier_before = reward_stats(cfg.reward_name)
         values = storage.read_parquet(vstar.outputs["vstar"]).filter(pl.col("kept"))
         v_of = dict(zip(values["prompt_id"].to_list(), values["vstar"].to_list()))
         prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in read_prompts(prep, "train") if r.prompt_id in v_of]
@@ -95,6 +96,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
             "train/reward_mean_last10": sum(h["rollout/reward_mean"] for h in last) / max(1, len(last)),
             "train/kl_last": float(history[-1]["train/kl"]) if history else 0.0,
         }
+        metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         return metrics, {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
 
     fp = fingerprint(cfg.train.model_dump(), resume_fp)

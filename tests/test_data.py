@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from apo_core.config import load_config
-from apo_core.data import TEMPLATES, clean_rows, gold_answer, last_boxed, render_prompt, spec_for
+from apo_core.data import TEMPLATES, clean_rows, gold_answer, last_boxed, render_prompt, spec_for  # last_boxed: re-exported
 from tasks.datasets import hub_uri, read_rows
 
 

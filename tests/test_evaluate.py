@@ -1,6 +1,8 @@
 """Evaluation: greedy accuracy, avg@K / pass@K, and the `apo evaluate` command."""
 
 import json
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -42,23 +44,24 @@ def test_single_sample_reports_greedy_only():
     assert m["accuracy"] == 1.0 and not any("@" in k for k in m)
 
 
-def test_apo_evaluate_command(tiny_model_dir, tmp_path, capsys):
-    from flows.cli import main
+def run_cli(*args):
+    """The `apo` command as users run it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
 
+
+def test_apo_evaluate_command(tiny_model_dir, tmp_path):
     out = tmp_path / "ev"
-    code = main(["evaluate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data-path",
-                 "tests/fixtures/data/gsm8k_test_sample.jsonl", "--limit", "3", "--samples", "2",
-                 "--out", str(out), "--set", "eval.max_new_tokens=8"])
-    assert code == 0
+    proc = run_cli("evaluate", "--model", str(tiny_model_dir), "--benchmark", "gsm8k", "--data-path",
+                   "tests/fixtures/data/gsm8k_test_sample.jsonl", "--limit", "3", "--samples", "2",
+                   "--out", str(out), "--set", "eval.max_new_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     aggregate = json.loads((out / "results.json").read_text())
     assert aggregate["n"] == 3 and {"accuracy", "avg@2", "pass@2"} <= set(aggregate)
     per_problem = pl.read_parquet(out / "results.parquet")
     assert per_problem.height == 3 and {"prompt_id", "reward", "avg_at_k", "pass_at_k"} <= set(per_problem.columns)
 
 
-def test_apo_evaluate_missing_file_is_one_line(tiny_model_dir, capsys):
-    from flows.cli import main
-
-    code = main(["evaluate", "--model", str(tiny_model_dir), "--benchmark", "math500", "--data-path", "/nonexistent/m.jsonl"])
-    assert code == 2
-    assert capsys.readouterr().err.strip() == "apo: data file not found: /nonexistent/m.jsonl"
+def test_apo_evaluate_missing_file_is_one_line(tiny_model_dir):
+    proc = run_cli("evaluate", "--model", str(tiny_model_dir), "--benchmark", "math500", "--data-path", "/nonexistent/m.jsonl")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "apo: data file not found: /nonexistent/m.jsonl"
