@@ -47,3 +47,16 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The workplace's reference data: `shared/data` beside the checkout, or $APO_SHARED_DATA.
+    Missing data fails the test (it is part of what CI provides), it never skips it."""
+    from pathlib import Path
+
+    candidates = [os.environ.get("APO_SHARED_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for path in candidates:
+        if path and (Path(path) / "gsm8k" / "test.jsonl").exists():
+            return Path(path)
+    pytest.fail(f"shared data not found at {candidates[1]} (set APO_SHARED_DATA to its folder)")

@@ -120,14 +120,6 @@ def _gold(row: dict) -> str:
     return row["answer"].split("#### ")[-1].replace(",", "")
 
 
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    """The project's shared data folder: ``shared/data`` beside the repository checkout."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not (path / "gsm8k" / "test.jsonl").exists():
-        pytest.skip(f"shared data not found at {path}")
-    return path
-
 
 def _check_golds(rows: list[dict]) -> None:
     golds = [_gold(r) for r in rows]

@@ -244,11 +244,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def math500_rows() -> list[dict]:
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
-    return _read_jsonl(path)
+def math500_rows(shared_data) -> list[dict]:
+    return _read_jsonl(shared_data / "math500" / "test.jsonl")
 
 
 def _check_golds_score_one(reward, golds: list[str]) -> None:
