@@ -171,7 +171,3 @@ def spec_for(cfg: DataConfig) -> DatasetSpec:
         reward=base.reward, id_field=cfg.id_field or base.id_field,
     )
 
-
-def summarize_skips(skipped: Sequence[tuple[str, Counter]]) -> dict[str, int]:
-    """{'<split>/<reason>': rows} over splits."""
-    return {f"{split}/{reason}": n for split, counts in skipped for reason, n in sorted(counts.items())}

@@ -105,6 +105,7 @@ def localize_dir(uri: str) -> Path:
     fs, path = fs_path(uri)
     target = CACHE_DIR / "downloads" / path.strip("/").replace("/", "__")
     if not target.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".dl-"))
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
         target.parent.mkdir(parents=True, exist_ok=True)
