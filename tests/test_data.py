@@ -107,3 +107,27 @@ def test_shared_gsm8k_sample_parses_fully():
     assert len(out.records) == len(rows) and not out.skipped
     assert all(r.answer.lstrip("-").replace(".", "").isdigit() for r in out.records)
     assert out.records[0].prompt.endswith(TEMPLATES["gsm8k"].split("\n", 1)[1])
+
+
+QWEN_STYLE_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_of_an_instruct_tokenizer_wraps_the_paper_prompt(tmp_path):
+    """template=chat goes through the tokenizer's own chat template (as an instruct model's
+    tokenizer_config.json carries it), with the paper's instruction inside the user turn."""
+    from apo_core.modeling import load_tokenizer
+    from tasks.datasets import load_split
+
+    tokenizer = load_tokenizer("embedded")
+    tokenizer.chat_template = QWEN_STYLE_CHAT
+    tokenizer.save_pretrained(tmp_path / "instruct")
+    tokenizer = load_tokenizer(str(tmp_path / "instruct"))  # read back from disk, as a run would
+    spec = spec_for(load_config(overrides=["data.name=gsm8k", "data.template=chat"]).data)
+    cleaned, uri = load_split("gsm8k", spec, "test", "tests/fixtures/data/gsm8k_test_sample.jsonl", 3, tokenizer)
+    prompt = cleaned.records[0].prompt
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert 'output the final answer after "####".' in prompt
+    assert uri.endswith("gsm8k_test_sample.jsonl")
