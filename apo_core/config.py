@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -73,12 +73,25 @@ class ModelConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    engine: Literal["transformers"] = "transformers"
-    """Generation backend; transformers batched `generate` (vLLM plugs in behind the same interface)."""
+    engine: Literal["auto", "vllm", "transformers"] = "transformers"
+    """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: vllm when the model is on CUDA and vLLM imports, else transformers."""
     batch_size: int = Field(512, ge=1)
-    """Prompts per generate call."""
+    """Prompts per generate call (transformers)."""
     autocast_bf16: bool = True
-    """Run generation under bfloat16 autocast on CPU (AMX) while weights stay float32."""
+    """Run generation under bfloat16 autocast on CPU (AMX) while weights stay float32 (transformers; vLLM runs in the model's dtype)."""
+    max_model_len: int | None = Field(None, ge=1)
+    """vLLM context length (prompt + response tokens); None: the model's max_position_embeddings."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Share of GPU memory vLLM may take (weights + KV cache); the rest stays with the trainer on the same GPU."""
+    enable_sleep_mode: bool = False
+    """vLLM on GPU: offload its weights and free its KV cache between generations, so training gets that memory (ignored on CPU)."""
+    cpu_kvcache_gb: int = Field(1, ge=1)
+    """vLLM on CPU: KV cache size in GiB."""
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_alias(cls, value: Any) -> Any:
+        return "transformers" if value == "hf" else value
 
 
 class ReferenceConfig(_Section):
@@ -99,6 +112,29 @@ class VstarConfig(_Section):
     """beta1 of V* = beta1 * (logsumexp(r/beta1) - log N); 0 means the mean reward."""
     filter_all_zero: bool = False
     """Drop prompts whose N reference rewards are all 0 (count reported)."""
+
+
+class LoraSettings(_Section):
+    rank: int = Field(16, ge=1)
+    """LoRA rank r."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get an adapter (Qwen2/Llama projection names by default)."""
+
+
+class DeepSpeedSettings(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) in CPU memory (ZeRO-Offload)."""
+    offload_param: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 master weights."""
 
 
 class TrainConfig(_Section):
@@ -132,6 +168,10 @@ class TrainConfig(_Section):
     """Checkpoints kept on disk (oldest deleted first)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
+    lora: LoraSettings | None = None
+    """Train a LoRA adapter (PEFT) instead of all weights; pi_ref is the network with the adapter off. None: full fine-tune."""
+    deepspeed: DeepSpeedSettings | None = None
+    """Train through DeepSpeed ZeRO over several processes (`apo-train` under torchrun/deepspeed). None: plain PyTorch."""
 
     @model_validator(mode="after")
     def _divides(self) -> "TrainConfig":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,73 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "a
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_DTYPES[dtype])
     model.to(pick_device(device))
     return model, tokenizer
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: Sequence[str], seed: int = 0):
+    """`model` wrapped with a fresh LoRA adapter (PEFT); only the adapter weights train. The
+    adapter's random init is drawn from `seed`, so a run and its resume start identically."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+class AdapterDisabled(torch.nn.Module):
+    """pi_ref of a LoRA run: the policy's own network with its adapter switched off, so the
+    reference weights are never held twice and stay exactly the starting weights."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self._policy = [policy]  # a list: not registered as a submodule, so not a second copy in state_dict
+
+    def forward(self, *args, **kwargs):
+        policy = self._policy[0]
+        with policy.disable_adapter():
+            return policy(*args, **kwargs)
+
+
+def reference_of(policy) -> torch.nn.Module:
+    """pi_ref for `policy`: adapter disabled for a PEFT model, else a frozen copy of the weights."""
+    if is_peft(policy):
+        return AdapterDisabled(policy)
+    import copy
+
+    ref = copy.deepcopy(policy)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def serving_weights(model) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs in the base model's Hugging Face naming, as a serving engine loads
+    them; LoRA adapters are merged on the fly (W + delta), the module itself is not modified."""
+    if not is_peft(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapter = model.active_adapter
+    lora_layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer"):
+            layer_name = owner[: -len(".base_layer")]
+            layer = lora_layers[layer_name]
+            if leaf == "weight" and adapter in layer.lora_A and not layer.merged:
+                tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            name = f"{layer_name}.{leaf}"
+        yield name, tensor
 
 
 @dataclass

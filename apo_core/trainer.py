@@ -11,7 +11,6 @@ a checkpoint continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import shutil
@@ -24,7 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .engines import GenerationEngine
-from .modeling import collate, response_logprobs
+from .modeling import collate, is_peft, response_logprobs
 from .objectives import apo_loss, token_entropy
 from .rewards import RewardFn
 
@@ -40,14 +39,6 @@ class TrainPrompt:
 
 
 StepCallback = Callable[[int, dict[str, float], list[dict]], None]
-
-
-def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
-    """pi_ref for a full fine-tune: a frozen copy of the starting weights."""
-    ref = copy.deepcopy(policy)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
 
 
 class OnlineTrainer:
@@ -204,7 +195,13 @@ class OnlineTrainer:
         state = {}
         for shard in sorted((path / "model").glob("*.safetensors")):
             state.update(load_file(shard))
-        missing, unexpected = self.policy.load_state_dict(state, strict=False)
+        if is_peft(self.policy):  # the checkpoint holds the adapter only; base weights never change
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.policy, state)
+            missing, unexpected = [m for m in result.missing_keys if "lora_" in m], result.unexpected_keys
+        else:
+            missing, unexpected = self.policy.load_state_dict(state, strict=False)
         # Tied embeddings are saved once; anything else missing is a real mismatch.
         missing = [m for m in missing if not m.endswith("lm_head.weight")]
         if missing or unexpected:

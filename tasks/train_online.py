@@ -15,7 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from apo_core.rewards import get_reward, reward_stats
-from apo_core.trainer import OnlineTrainer, TrainPrompt, frozen_reference, list_checkpoints
+from apo_core.modeling import add_lora, reference_of
+from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints
 
 from . import storage
 from .common import engine_for, load_model, read_prompts, verifier_metrics
@@ -47,7 +48,10 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
         prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in read_prompts(prep, "train") if r.prompt_id in v_of]
 
         model, tokenizer = load_model(cfg)
-        trainer = OnlineTrainer(model, frozen_reference(model), tokenizer, engine_for(cfg, model, tokenizer),
+        if cfg.train.lora:
+            lora = cfg.train.lora
+            model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, seed=cfg.train.seed)
+        trainer = OnlineTrainer(model, reference_of(model), tokenizer, engine_for(cfg, model, tokenizer),
                                 get_reward(cfg.reward_name), cfg.train)
         work = _work_dir(io, cfg.run_id or "run")
         ckpt_dir = work / "checkpoints"
@@ -80,6 +84,12 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
 
         trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
 
+        outputs = {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
+        if cfg.train.lora:  # the adapter on its own, then the merged weights that evaluation and engines load
+            model.save_pretrained(work / "adapter")
+            storage.put_dir(work / "adapter", io.path("adapter"))
+            outputs["adapter"] = io.path("adapter")
+            model = model.merge_and_unload()
         final = work / "model"
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)
@@ -97,7 +107,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
             "train/kl_last": float(history[-1]["train/kl"]) if history else 0.0,
         }
         metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
-        return metrics, {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
+        return metrics, outputs
 
     fp = fingerprint(cfg.train.model_dump(), resume_fp)
     return run_stage(ctx, "train_online", fp, body)

@@ -156,6 +156,28 @@ def test_gsm8k_from_local_files_runs_end_to_end(prefect_api, tiny_model_dir, tmp
     assert 0.0 <= summary["trained_accuracy"] <= 1.0
 
 
+def test_lora_run_saves_the_adapter_and_the_merged_model(prefect_api, tmp_path):
+    """train.lora through the pipeline: the adapter alone, plus merged weights that evaluation loads."""
+    from flows.apo import apo
+
+    from apo_core.modeling import EMBEDDED_MODEL
+
+    # The shipped model, not the random one: rewards must differ from V* for the adapter (B = 0 at init) to move.
+    cfg = tiny_config(tmp_path, "embedded", **{"run_id": "lora", "train.lora.rank": 4, "train.lr": 1e-2, "train.steps": 2,
+        "reference.max_new_tokens": 48, "train.max_new_tokens": 48})
+    summary = apo(config=cfg)
+    out = f"{tmp_path}/lora/train_online"
+    adapter = load_file(f"{out}/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+    before = load_file(f"{EMBEDDED_MODEL}/model.safetensors")
+    merged = load_file(f"{out}/model/model.safetensors")
+    assert merged.keys() == before.keys()  # plain Hugging Face weights, no adapter names left
+    assert any(not torch.equal(before[k], merged[k]) for k in before)
+    assert (tmp_path / "lora/train_online/adapter/adapter_config.json").exists()
+    assert 0.0 <= summary["trained_accuracy"] <= 1.0
+
+
 def test_data_with_no_usable_row_fails_clearly(tmp_path, tiny_model_dir):
     from tasks.preprocess import load_records
 

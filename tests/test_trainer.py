@@ -5,9 +5,9 @@ import torch
 
 from apo_core.config import TrainConfig
 from apo_core.engines import TransformersEngine
-from apo_core.modeling import collate, load_model_and_tokenizer, response_logprobs
+from apo_core.modeling import add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
 from apo_core.rewards import gsm8k_reward
-from apo_core.trainer import OnlineTrainer, TrainPrompt, frozen_reference, list_checkpoints
+from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints
 
 PROMPTS = [TrainPrompt(f"p{i}", f"{10 + i}+{20 + i}=?\n", str(30 + 2 * i), 0.25 * (i % 4)) for i in range(8)]
 
@@ -24,12 +24,14 @@ class CountingEngine(TransformersEngine):
         return super().generate(prompts, **kwargs)
 
 
-def make_trainer(model_dir, **overrides):
+def make_trainer(model_dir, lora=False, **overrides):
     model, tok = load_model_and_tokenizer(str(model_dir))
+    if lora:
+        model = add_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
     cfg = TrainConfig(**{"steps": 3, "rollout_batch_size": 8, "minibatch_size": 4, "max_new_tokens": 12,
                          "lr": 1e-3, "checkpoint_every": 2, **overrides})
     engine = CountingEngine(model, tok, batch_size=8)
-    return OnlineTrainer(model, frozen_reference(model), tok, engine, gsm8k_reward, cfg)
+    return OnlineTrainer(model, reference_of(model), tok, engine, gsm8k_reward, cfg)
 
 
 def test_one_generation_per_prompt_per_step(tiny_model_dir, tmp_path):
@@ -94,3 +96,52 @@ def test_response_logprobs_ignore_left_and_right_padding(tiny_model_dir):
             n = len(responses[i])
             assert torch.allclose(together[i, :n], alone[0, :n], atol=1e-5)
             assert torch.all(together[i, n:] == 0)
+
+
+def _lora_params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_lora_trains_only_the_adapter_and_keeps_pi_ref_exact(tiny_model_dir, tmp_path):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    probe = collate([tok.encode("12+34-56=?\n")], [tok.encode("#### 7")], tok.pad_token_id)
+    with torch.no_grad():
+        original = response_logprobs(model, probe)
+    trainer = make_trainer(tiny_model_dir, lora=True, lr=1e-2)
+    base_before = {k: v.clone() for k, v in trainer.policy.state_dict().items() if "lora_" not in k}
+    lora_before = _lora_params(trainer.policy)
+    assert lora_before and all(p.requires_grad == ("lora_" in k) for k, p in trainer.policy.named_parameters())
+    # pi_ref is the same network with the adapter off, not a second copy of the weights
+    assert not list(trainer.ref_policy.parameters())
+    trainer.train(PROMPTS, tmp_path)
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())
+    assert any(not torch.equal(v, _lora_params(trainer.policy)[k]) for k, v in lora_before.items())
+    with torch.no_grad():
+        assert torch.equal(response_logprobs(trainer.ref_policy, probe), original)  # pi_ref exact
+        assert not torch.allclose(response_logprobs(trainer.policy, probe), original)  # the policy moved
+    # the checkpoint holds only the adapter
+    ckpt = list_checkpoints(tmp_path)[-1]
+    assert (ckpt / "model" / "adapter_model.safetensors").exists()
+    assert not (ckpt / "model" / "model.safetensors").exists()
+
+
+def test_lora_resume_and_serving_weights_match_the_merged_model(tiny_model_dir, tmp_path):
+    from apo_core.modeling import serving_weights
+
+    straight = make_trainer(tiny_model_dir, lora=True, steps=4, lr=1e-2)
+    straight.train(PROMPTS, tmp_path / "a")
+    first = make_trainer(tiny_model_dir, lora=True, steps=2, lr=1e-2)
+    first.train(PROMPTS, tmp_path / "b")
+    resumed = make_trainer(tiny_model_dir, lora=True, steps=4, lr=1e-2)
+    resumed.load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert resumed.step == 2
+    resumed.train(PROMPTS, tmp_path / "b")
+    for k, v in _lora_params(straight.policy).items():
+        assert torch.allclose(v, _lora_params(resumed.policy)[k], atol=1e-6), k
+
+    served = dict(serving_weights(straight.policy))
+    merged = straight.policy.merge_and_unload().state_dict()
+    assert served.keys() == merged.keys()
+    for k, v in merged.items():
+        assert torch.allclose(served[k], v, atol=1e-6), k
