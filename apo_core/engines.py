@@ -1,17 +1,24 @@
 """Generation behind one interface, so stages do not care which backend samples.
 
 `TransformersEngine` runs batched `generate` on the policy module itself (no weight copy:
-on-policy samples always come from the current weights). A vLLM engine plugs in through the
-same `GenerationEngine` protocol and `ENGINES` registry, with `update_weights` pushing the
-trained weights into the serving engine.
+on-policy samples always come from the current weights). `VLLMEngine` serves the same model
+from one live in-process vLLM engine per process; `update_weights` pushes the torch model's
+current weights into it (the trainer calls it after every rollout step's updates).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 
@@ -22,6 +29,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
+    logprobs: list[float] | None = None  # log pi of each token as sampled (VLLMEngine, on request)
 
 
 class GenerationEngine(Protocol):
@@ -41,12 +49,40 @@ class GenerationEngine(Protocol):
         """One completion per prompt, in order. temperature 0 means greedy."""
         ...
 
+    def generate_n(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """N completions per prompt ([prompt][sample]) in one engine pass; each engine's
+        docstring says how `seed` maps to the samples."""
+        ...
+
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights."""
         ...
 
 
-class TransformersEngine:
+class _PromptTokens:
+    """prompt_token_ids for both engines: the tokenizer's ids (no special tokens), cached."""
+
+    tokenizer: Any
+    _prompt_cache: dict[str, list[int]]
+
+    def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            for prompt, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
+                self._prompt_cache[prompt] = list(ids)
+        return [self._prompt_cache[p] for p in prompts]
+
+
+class TransformersEngine(_PromptTokens):
     """Batched `model.generate` with left padding; prompts sorted by length to cut padding."""
 
     name = "transformers"
@@ -57,13 +93,6 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.autocast_bf16 = autocast_bf16
         self._prompt_cache: dict[str, list[int]] = {}
-
-    def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            for prompt, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
-                self._prompt_cache[prompt] = list(ids)
-        return [self._prompt_cache[p] for p in prompts]
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module: nothing to copy
@@ -112,6 +141,17 @@ class TransformersEngine:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
 
+    def generate_n(self, prompts, n, *, temperature, top_p=1.0, max_new_tokens, seed=None):
+        """N completions per prompt from ONE batched `generate` over the prompts repeated N
+        times (prompt-major: row k*N + j is sample j of prompt k).
+
+        Seeds: the whole call draws from `seed` (per chunk of `batch_size` rows, as `generate`),
+        so it is reproducible for the same (prompts, n, seed, batch_size) but does not equal N
+        separate `generate(seed=seed + j)` calls (VLLMEngine's samples do)."""
+        flat = self.generate([p for p in prompts for _ in range(n)], temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens, seed=seed)
+        return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
+
     def _completion(self, tokens: list[int], eos: int) -> Completion:
         if eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
@@ -122,14 +162,240 @@ class TransformersEngine:
         return Completion(text=text, token_ids=tokens, finish_reason=reason)
 
 
+# -- vLLM ---------------------------------------------------------------------------------------
+# Weights reach the engine as Python objects (collective_rpc with an iterator of tensors), so the
+# engine core must run in this process, not in vLLM's default background process.
+_VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class _LiveLLM:
+    """The process's one vLLM engine and what it currently holds."""
+
+    key: tuple
+    llm: Any
+    config_dir: str
+    sleep_mode: bool = False  # started with enable_sleep_mode (GPU only)
+    owner: int | None = None  # id() of the VLLMEngine whose model's weights are loaded
+    asleep: bool = False
+
+
+_LIVE: dict[tuple, _LiveLLM] = {}
+
+
+def _architecture_key(model, dtype: torch.dtype, max_model_len: int | None) -> tuple:
+    """What an engine is built for: the model config (without its path, so a reference and its
+    trained checkpoints share one engine), the dtype and the context length."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return json.dumps(config, sort_keys=True, default=str), _DTYPE_NAMES[dtype], max_model_len
+
+
+class _DropChatWarmupWarning(logging.Filter):
+    """vLLM warms up a chat template at start; without a tokenizer (we tokenize) that fails
+    harmlessly but logs a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _keep_process_state():
+    """An in-process vLLM engine reseeds the global RNGs (random, numpy, torch) at start-up and,
+    on CPU, replaces torch.set_num_threads with a no-op; the trainer in this process needs both."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    set_num_threads = torch.set_num_threads
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_num_threads = set_num_threads
+
+
+def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep_mode: bool, cpu_kvcache_gb: int) -> _LiveLLM:
+    for env, value in _VLLM_ENV.items():
+        os.environ[env] = value
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    # The engine is built from the config alone (random "dummy" weights, no tokenizer: apo
+    # tokenizes and decodes itself); update_weights then loads the torch model's weights.
+    config_dir = tempfile.mkdtemp(prefix="apo-vllm-")
+    model.config.save_pretrained(config_dir)
+    _, dtype, max_model_len = key
+    on_cpu = current_platform.is_cpu()
+    args: dict[str, Any] = dict(
+        model=config_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, max_model_len=max_model_len,
+        generation_config="vllm",  # sampling is exactly what apo asks for, not the checkpoint's defaults
+        seed=0,
+    )
+    if on_cpu:
+        # Eager: compiling a graph costs more than it saves at these sizes; the KV cache is sized
+        # in GiB (vLLM reads gpu_memory_utilization as a share of all host memory on CPU).
+        args.update(enforce_eager=True, kv_cache_memory_bytes=cpu_kvcache_gb << 30)
+    else:
+        args.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+    logging.getLogger("vllm.renderers.base").addFilter(_DropChatWarmupWarning())
+    with _keep_process_state():
+        llm = LLM(**args)
+    return _LiveLLM(key=key, llm=llm, config_dir=config_dir, sleep_mode=bool(args.get("enable_sleep_mode")))
+
+
+def _shutdown(live: _LiveLLM) -> None:
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    live.llm.llm_engine.engine_core.shutdown()
+    del live.llm
+    cleanup_dist_env_and_memory()
+    gc.collect()
+
+
+def _request_seed(seed: int, prompt_index: int) -> int:
+    """Seed of one request: sample `seed` of prompt `prompt_index` (vLLM seeds each request)."""
+    return (seed * 1_000_003 + prompt_index) % (1 << 63)
+
+
+class VLLMEngine(_PromptTokens):
+    """vLLM serving the torch `model`'s current weights, in this process.
+
+    One vLLM engine lives per process (keyed by architecture, dtype and context length) and is
+    reused: building a VLLMEngine for a model whose engine exists loads the model's weights into
+    it instead of starting another. Which weights the engine holds is tracked, so each
+    VLLMEngine samples from its own model; a model changed in place (optimizer steps) needs
+    `update_weights`. Settings other than the key (memory, sleep mode) are the first engine's.
+
+    Sampling with a seed gives every request its own generator, so a completion does not depend
+    on what else is in the batch: prompt k of `generate(seed=s)` draws from seed (s, k).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool = False,
+        cpu_kvcache_gb: int = 1,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._prompt_cache: dict[str, list[int]] = {}
+        lengths = [x for x in (max_model_len, getattr(model.config, "max_position_embeddings", None)) if x]
+        key = _architecture_key(model, next(model.parameters()).dtype, min(lengths) if lengths else None)
+        if key not in _LIVE:
+            for old in list(_LIVE.values()):  # one engine per process: a new architecture replaces the old
+                _shutdown(_LIVE.pop(old.key))
+            _LIVE[key] = _start_llm(key, model, gpu_memory_utilization=gpu_memory_utilization,
+                                    enable_sleep_mode=enable_sleep_mode, cpu_kvcache_gb=cpu_kvcache_gb)
+        self._live = _LIVE[key]
+        self.llm = self._live.llm
+        self.update_weights(model)
+
+    # -- weights and memory -------------------------------------------------------------------
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Load `model`'s current weights (LoRA merged, see modeling.serving_weights) into the
+        live engine in place, and drop cached prefixes computed with the old weights."""
+        from .modeling import serving_weights
+
+        self.model = model
+        self._wake()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": serving_weights(model)})
+        self.llm.reset_prefix_cache()
+        self._live.owner = id(self)
+
+    def _wake(self) -> None:
+        if self._live.asleep:
+            self.llm.wake_up()
+            self._live.asleep = False
+
+    def _sleep(self) -> None:
+        """Between generations (sleep mode, GPU): weights to host memory, KV cache freed, so the
+        trainer has the GPU memory while it updates."""
+        if self._live.sleep_mode:
+            self.llm.sleep(level=1)
+            self._live.asleep = True
+
+    # -- sampling -----------------------------------------------------------------------------
+    def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None, logprobs: bool = False):
+        """One completion per prompt; `logprobs` also returns log pi of each sampled token."""
+        return [c[0] for c in self._sample(prompts, 1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                           seed=seed, logprobs=logprobs)]
+
+    def generate_n(self, prompts, n, *, temperature, top_p=1.0, max_new_tokens, seed=None, logprobs: bool = False):
+        """N completions per prompt in one engine pass ([prompt][sample], prompts' KV shared
+        through the prefix cache).
+
+        Seeds: sample j of prompt k draws from seed (seed + j, k), exactly what
+        `generate(prompts, seed=seed + j)` gives prompt k, so generate_n(..., seed=s) equals the
+        N calls generate(seed=s), ..., generate(seed=s + N - 1) sample for sample."""
+        return self._sample(prompts, n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            seed=seed, logprobs=logprobs)
+
+    def _sample(self, prompts, n, *, temperature, top_p, max_new_tokens, seed, logprobs) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        if self._live.owner != id(self):  # another VLLMEngine loaded its model since
+            self.update_weights(self.model)
+        self._wake()
+        eos = self.tokenizer.eos_token_id
+        common = dict(
+            temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+            stop_token_ids=[] if eos is None else [eos], detokenize=False, logprobs=0 if logprobs else None,
+        )
+        requests, params = [], []
+        for k, ids in enumerate(self.prompt_token_ids(prompts)):
+            for j in range(n):
+                requests.append({"prompt_token_ids": ids})
+                request_seed = None if seed is None or temperature == 0 else _request_seed(seed + j, k)
+                params.append(SamplingParams(seed=request_seed, **common))
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            self._sleep()
+        flat = [self._completion(out.outputs[0], logprobs) for out in outputs]
+        return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
+
+    def _completion(self, out, logprobs: bool) -> Completion:
+        if out.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request ended with finish_reason {out.finish_reason!r}")
+        tokens = list(out.token_ids)  # ends with EOS when stopped (a stop token stays in token_ids)
+        token_logp = [step[t].logprob for step, t in zip(out.logprobs, tokens)] if logprobs else None
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Completion(text=text, token_ids=tokens, finish_reason=out.finish_reason, logprobs=token_logp)
+
+
 EngineFactory = Callable[..., GenerationEngine]
-ENGINES: dict[str, EngineFactory] = {"transformers": TransformersEngine}
+ENGINES: dict[str, EngineFactory] = {"transformers": TransformersEngine, "vllm": VLLMEngine}
+
+
+def resolve_engine_name(name: str, device: torch.device | str) -> str:
+    """`auto` -> vllm when the model is on CUDA and vLLM imports, else transformers (on CPU
+    transformers until a benchmark says otherwise); `hf` -> transformers; others unchanged."""
+    if name == "hf":
+        return "transformers"
+    if name != "auto":
+        return name
+    on_cuda = torch.device(device).type == "cuda"
+    return "vllm" if on_cuda and importlib.util.find_spec("vllm") is not None else "transformers"
 
 
 def make_engine(name: str, model, tokenizer, **kwargs) -> GenerationEngine:
-    """Engine registered under `name`; an unknown name lists the valid ones."""
+    """Engine registered under `name` (`auto` resolved for the model's device); an unknown
+    name lists the valid ones."""
+    name = resolve_engine_name(name, next(model.parameters()).device)
     try:
         factory = ENGINES[name]
     except KeyError:
-        raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(sorted(ENGINES))}") from None
+        valid = ", ".join(["auto", *sorted(ENGINES)])
+        raise ValueError(f"unknown generation engine {name!r}; valid: {valid}") from None
     return factory(model, tokenizer, **kwargs)

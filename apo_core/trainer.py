@@ -60,6 +60,18 @@ class OnlineTrainer:
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.weight_decay,
         )
+        self.rank, self.world_size = 0, 1
+        self.ds = None  # the DeepSpeed engine wrapping the policy when cfg.deepspeed is set
+        if cfg.deepspeed is not None:
+            import deepspeed
+
+            from . import distributed
+
+            distributed.init()
+            self.rank, self.world_size = distributed.world()
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(
+                model=policy, optimizer=self.optimizer, config=distributed.ds_config(cfg.deepspeed, cfg, self.world_size))
+            self.device = self.ds.device
         self.step = 0  # rollout steps completed
 
     # -- data order ---------------------------------------------------------------------------
@@ -81,6 +93,13 @@ class OnlineTrainer:
     def train_step(self, batch: Sequence[TrainPrompt]) -> tuple[dict[str, float], list[dict]]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        M = cfg.minibatch_size
+        n_updates = len(batch) // M
+        if self.world_size > 1:  # this rank's share of every minibatch
+            from .distributed import local_rows
+
+            batch = [batch[i] for i in local_rows(len(batch), M, self.rank, self.world_size)]
+            M //= self.world_size
         completions = self.engine.generate(
             [p.prompt for p in batch], temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed * 1_000_033 + self.step,
@@ -96,9 +115,8 @@ class OnlineTrainer:
             ref_logp = response_logprobs(self.ref_policy, tokens)  # (R, T)
         t_ref = time.perf_counter()
 
-        M = cfg.minibatch_size
         sums: dict[str, torch.Tensor] = {}
-        n_updates = len(batch) // M
+        trained = self.ds if self.ds is not None else self.policy
         for k in range(n_updates):
             rows = slice(k * M, (k + 1) * M)
             mb = tokens.select(rows)
@@ -106,20 +124,31 @@ class OnlineTrainer:
             T = int(mb.response_mask.sum(-1).max().item())
             mb = type(mb)(mb.input_ids[:, : mb.prompt_len + T], mb.attention_mask[:, : mb.prompt_len + T], mb.response_mask[:, :T])
             if cfg.entropy_coef > 0:
-                logp, logits = response_logprobs(self.policy, mb, return_logits=True)
+                logp, logits = response_logprobs(trained, mb, return_logits=True)
             else:
-                logp = response_logprobs(self.policy, mb)
+                logp = response_logprobs(trained, mb)
             loss, metrics = apo_loss(logp, ref_logp[rows, :T], mb.response_mask, reward_t[rows], vstar_t[rows], cfg.beta2)
             if cfg.entropy_coef > 0:
                 entropy = token_entropy(logits, mb.response_mask)
                 loss = loss - cfg.entropy_coef * entropy
                 metrics["entropy"] = entropy.detach()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself
+                self.ds.backward(loss)
+                self.ds.step()
+                metrics["grad_norm"] = torch.tensor(float(self.ds.get_global_grad_norm() or 0.0))
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                self.optimizer.step()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
+        if self.world_size > 1:  # metrics of the whole minibatch, not of this rank's share
+            keys = sorted(sums)
+            flat = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
+            torch.distributed.all_reduce(flat)
+            sums = {k: v / self.world_size for k, v in zip(keys, flat.cpu())}
+        self.engine.update_weights(self.policy)  # the next rollout samples from the updated policy
         self.step += 1
         t_upd = time.perf_counter()
 
@@ -155,6 +184,7 @@ class OnlineTrainer:
         if not prompts:
             raise ValueError("no training prompts (did the V* filter drop all of them?)")
         self.policy.train()
+        self.engine.update_weights(self.policy)  # covers weights restored from a checkpoint
         while self.step < self.cfg.steps:
             metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
             if on_step:

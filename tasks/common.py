@@ -7,7 +7,7 @@ import torch
 
 from apo_core.config import ApoConfig
 from apo_core.data import PromptRecord
-from apo_core.engines import make_engine
+from apo_core.engines import make_engine, resolve_engine_name
 from apo_core.modeling import load_model_and_tokenizer
 
 from . import storage
@@ -42,8 +42,15 @@ def load_model(cfg: ApoConfig, path: str | None = None):
 
 
 def engine_for(cfg: ApoConfig, model, tokenizer):
-    return make_engine(cfg.generation.engine, model, tokenizer, batch_size=cfg.generation.batch_size,
-                       autocast_bf16=cfg.generation.autocast_bf16)
+    """The configured generation engine (`auto` resolved for the model's device) over `model`."""
+    gen = cfg.generation
+    name = resolve_engine_name(gen.engine, next(model.parameters()).device)
+    if name == "vllm":
+        kwargs = dict(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
+                      enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb)
+    else:
+        kwargs = dict(batch_size=gen.batch_size, autocast_bf16=gen.autocast_bf16)
+    return make_engine(name, model, tokenizer, **kwargs)
 
 
 def read_prompts(prep: StageResult, split: str) -> list[PromptRecord]:
