@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -178,7 +179,7 @@ class _LiveLLM:
     config_dir: str
     sleep_mode: bool = False  # started with enable_sleep_mode (GPU only)
     owner: int | None = None  # id() of the VLLMEngine whose model's weights are loaded
-    asleep: bool = False
+    asleep: set[str] = field(default_factory=set)  # memory tags released by sleep: weights, kv_cache
 
 
 _LIVE: dict[tuple, _LiveLLM] = {}
@@ -255,6 +256,7 @@ def _shutdown(live: _LiveLLM) -> None:
     del live.llm
     cleanup_dist_env_and_memory()
     gc.collect()
+    shutil.rmtree(live.config_dir, ignore_errors=True)
 
 
 def _request_seed(seed: int, prompt_index: int) -> int:
@@ -308,22 +310,25 @@ class VLLMEngine(_PromptTokens):
         from .modeling import serving_weights
 
         self.model = model
-        self._wake()
+        self._wake("weights")  # the KV cache stays released until the next generation
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": serving_weights(model)})
         self.llm.reset_prefix_cache()
         self._live.owner = id(self)
 
-    def _wake(self) -> None:
-        if self._live.asleep:
-            self.llm.wake_up()
-            self._live.asleep = False
+    def _wake(self, *tags: str) -> None:
+        """Reallocate what sleep released: the given tags, or everything (before generating)."""
+        todo = [t for t in (tags or ("weights", "kv_cache")) if t in self._live.asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._live.asleep.difference_update(todo)
 
     def _sleep(self) -> None:
         """Between generations (sleep mode, GPU): weights to host memory, KV cache freed, so the
-        trainer has the GPU memory while it updates."""
+        trainer has the GPU memory while it updates. Level 1: level 2 (drop the weights, as
+        update_weights overwrites them anyway) has had wake-up bugs in vLLM."""
         if self._live.sleep_mode:
             self.llm.sleep(level=1)
-            self._live.asleep = True
+            self._live.asleep = {"weights", "kv_cache"}
 
     # -- sampling -----------------------------------------------------------------------------
     def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None, logprobs: bool = False):
