@@ -204,6 +204,8 @@ class OnlineTrainer:
         checkpoint_dir = Path(checkpoint_dir)
         final = checkpoint_dir / f"step_{self.step:06d}"
         tmp = checkpoint_dir / f".tmp_step_{self.step:06d}"
+        if self.ds is not None:
+            return self._save_ds_checkpoint(checkpoint_dir, tmp, final, before_publish)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.policy.save_pretrained(tmp / "model")
@@ -218,10 +220,41 @@ class OnlineTrainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _save_ds_checkpoint(self, checkpoint_dir: Path, tmp: Path, final: Path, before_publish) -> Path:
+        """The same layout under DeepSpeed: every rank writes its optimizer/parameter shards
+        (ds/), rank 0 the gathered Hugging Face weights and the step, then publishes."""
+        from .distributed import gathered
+
+        barrier = torch.distributed.barrier
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        self.ds.save_checkpoint(str(tmp / "ds"), tag="state")
+        with gathered(self.policy):  # collective under ZeRO-3
+            if self.rank == 0:
+                self.policy.save_pretrained(tmp / "model")
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(tmp / "model")
+            torch.save({"step": self.step, "deepspeed": True}, tmp / STATE_FILE)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            if before_publish:
+                before_publish(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         path = Path(path)
+        if self.ds is not None:  # model, optimizer and scheduler shards of every rank
+            self.ds.load_checkpoint(str(path / "ds"), tag="state")
+            self.step = int(torch.load(path / STATE_FILE, weights_only=True)["step"])
+            return
         state = {}
         for shard in sorted((path / "model").glob("*.safetensors")):
             state.update(load_file(shard))

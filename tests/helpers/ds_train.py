@@ -1,0 +1,63 @@
+"""Train the tiny model for a few A*-PO steps on fixed rollouts and write the losses and
+final weights: run as one plain process, or under `torchrun --nproc_per_node=K` with ZeRO.
+
+usage: ds_train.py MODEL_DIR OUT_DIR ZERO_STAGE|none
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from apo_core.config import DeepSpeedSettings, TrainConfig
+from apo_core.engines import Completion
+from apo_core.modeling import load_model_and_tokenizer, reference_of
+from apo_core.rewards import gsm8k_reward
+from apo_core.trainer import OnlineTrainer, TrainPrompt
+
+PROMPTS = [TrainPrompt(f"p{i}", f"{10 + i}+{20 + i}=?\n", str(30 + 2 * i), 0.25 * (i % 4)) for i in range(16)]
+
+
+class FixedEngine:
+    """A response that depends only on the prompt and the step: the same rollouts whatever
+    the split of the batch over ranks, so the runs differ only in how they train."""
+
+    name = "fixed"
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def prompt_token_ids(self, prompts):
+        return [self.tokenizer.encode(p) for p in prompts]
+
+    def generate(self, prompts, **_):
+        self.calls += 1
+        out = []
+        for p in prompts:
+            a, b = (int(x) for x in p.split("=")[0].split("+"))
+            guess = a + b + (self.calls + a) % 3 - 1  # right about a third of the time
+            ids = self.tokenizer.encode(f"{a}+{b}={guess}. #### {guess}") + [self.tokenizer.eos_token_id]
+            out.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, "stop"))
+        return out
+
+    def update_weights(self, model):
+        pass
+
+
+def main(model_dir: str, out_dir: str, zero: str) -> None:
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(model_dir)
+    ds = None if zero == "none" else DeepSpeedSettings(zero_stage=int(zero))
+    cfg = TrainConfig(steps=3, rollout_batch_size=16, minibatch_size=8, lr=1e-3, max_new_tokens=16,
+                      checkpoint_every=3, deepspeed=ds)
+    trainer = OnlineTrainer(model, reference_of(model), tok, FixedEngine(tok), gsm8k_reward, cfg)
+    losses: list[float] = []
+    out = Path(out_dir)
+    trainer.train(PROMPTS, out / "checkpoints", on_step=lambda s, m, _: losses.append(m["train/loss"]))
+    if trainer.rank == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

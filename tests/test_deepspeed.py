@@ -1,0 +1,49 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes (gloo, CPU) take the same steps as one plain
+process: same losses, same final weights within float tolerance."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).parent / "helpers" / "ds_train.py"
+
+
+def _run(args: list[str], tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    (ckpt,) = sorted((out / "checkpoints").glob("step_*"))
+    return json.loads((out / "losses.json").read_text()), load_file(ckpt / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    _run([sys.executable, str(WORKER), str(tiny_model_dir), str(out), "none"], out)
+    return _result(out)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_process_zero_matches_one_process(zero, single_process, tiny_model_dir, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _run([str(torchrun), "--standalone", "--nproc_per_node=2", str(WORKER), str(tiny_model_dir), str(tmp_path), str(zero)], tmp_path)
+    losses, weights = _result(tmp_path)
+    ref_losses, ref_weights = single_process
+    assert len(losses) == len(ref_losses) == 3
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+    assert weights.keys() == ref_weights.keys()
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(start[k], ref_weights[k]) for k in start)  # training moved the weights
+    for k, v in ref_weights.items():
+        assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
+    assert (tmp_path / "checkpoints" / "step_000003" / "ds").is_dir()  # ZeRO shards for a resume
