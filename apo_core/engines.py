@@ -9,6 +9,7 @@ current weights into it (the trainer calls it after every rollout step's updates
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -17,6 +18,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -83,16 +85,27 @@ class _PromptTokens:
         return [self._prompt_cache[p] for p in prompts]
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AMX or AVX512-BF16); elsewhere bf16
+    autocast emulates it and runs slower than float32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 class TransformersEngine(_PromptTokens):
     """Batched `model.generate` with left padding; prompts sorted by length to cut padding."""
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, autocast_bf16: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 256, autocast_bf16: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.autocast_bf16 = autocast_bf16
+        self.autocast_bf16 = cpu_has_fast_bf16() if autocast_bf16 is None else autocast_bf16
         self._prompt_cache: dict[str, list[int]] = {}
 
     def update_weights(self, model: torch.nn.Module) -> None:

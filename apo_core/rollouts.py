@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -11,9 +11,6 @@ from .data import PromptRecord
 from .engines import GenerationEngine
 from .objectives import vstar
 from .rewards import RewardFn
-
-Progress = Callable[[int, int], None]
-
 
 def sample_reference(
     engine: GenerationEngine,
@@ -25,32 +22,22 @@ def sample_reference(
     top_p: float,
     max_new_tokens: int,
     seed: int,
-    progress: Progress | None = None,
 ) -> list[dict]:
-    """N scored samples per prompt; sample index i of every prompt is drawn with seed + i.
+    """N scored samples per prompt, drawn in ONE engine pass (`generate_n`); the `seed` column
+    of sample i is seed + i (vLLM: that sample's own seed; transformers: the pass draws from
+    `seed` as a whole, see TransformersEngine.generate_n).
 
     Rows: prompt_id, sample_idx, seed, response, reward, n_tokens, finish_reason.
     """
-    prompts = [r.prompt for r in records]
-    answers = [r.answer for r in records]
-    rows: list[dict] = []
-    for i in range(n_samples):
-        completions = engine.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + i)
-        rewards = reward_fn([c.text for c in completions], answers)
-        for rec, comp, reward in zip(records, completions, rewards):
-            rows.append(
-                dict(
-                    prompt_id=rec.prompt_id,
-                    sample_idx=i,
-                    seed=seed + i,
-                    response=comp.text,
-                    reward=float(reward),
-                    n_tokens=len(comp.token_ids),
-                    finish_reason=comp.finish_reason,
-                )
-            )
-        if progress:
-            progress(i + 1, n_samples)
+    per_prompt = engine.generate_n([r.prompt for r in records], n_samples, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    flat = [(rec, i, comp) for rec, comps in zip(records, per_prompt) for i, comp in enumerate(comps)]
+    rewards = reward_fn([comp.text for _, _, comp in flat], [rec.answer for rec, _, _ in flat])
+    rows = [
+        dict(prompt_id=rec.prompt_id, sample_idx=i, seed=seed + i, response=comp.text, reward=float(reward),
+             n_tokens=len(comp.token_ids), finish_reason=comp.finish_reason)
+        for (rec, i, comp), reward in zip(flat, rewards)
+    ]
     return rows
 
 

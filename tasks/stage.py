@@ -101,6 +101,7 @@ class StageIO:
     uri: str
     tracker: Tracker
     mlflow_run_id: str
+    fingerprint: str = ""
 
     def path(self, *names: str) -> str:
         return storage.join(self.uri, *names)
@@ -138,7 +139,7 @@ def run_stage(
     start = time.perf_counter()
     try:
         with PeakRSS().measure() as rss:
-            metrics, outputs = body(StageIO(uri, tracker, mlflow_run))
+            metrics, outputs = body(StageIO(uri, tracker, mlflow_run, fp))
     except BaseException:
         tracker.end(mlflow_run, ok=False)
         raise

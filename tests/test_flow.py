@@ -120,6 +120,27 @@ def test_new_beta1_reuses_reference_samples(first_run, tiny_model_dir):
 
 
 
+def test_stage1_reruns_only_the_shards_that_did_not_finish(prefect_api, tiny_model_dir, tmp_path):
+    from flows.apo import apo
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, **{"run_id": "shards", "reference.shard_size": 10, "train.steps": 1})
+    apo(config=cfg)
+    stage = tmp_path / "shards" / "sample_reference"
+    parts = sorted(stage.glob("shards/*/part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # 24 prompts / 10
+    before = pl.read_parquet(stage / "samples.parquet")
+    assert sorted(before["seed"].unique().to_list()) == [1234, 1235, 1236, 1237, 1238, 1239]  # seed + s * N + i
+    # a crash after shard 1: shard 2's part and the stage marker never got written
+    parts[2].unlink()
+    (stage / "_COMPLETE.json").unlink()
+    mtimes = [p.stat().st_mtime_ns for p in parts[:2]]
+    out = apo(config=cfg)
+    assert out["stages_recomputed"][0] == "sample_reference"
+    assert [p.stat().st_mtime_ns for p in parts[:2]] == mtimes  # finished shards were not redone
+    assert parts[2].exists()
+    assert pl.read_parquet(stage / "samples.parquet").equals(before)  # same samples as the uninterrupted run
+
+
 def test_more_steps_resume_training_from_the_last_checkpoint(prefect_api, tiny_model_dir, tmp_path):
     from flows.apo import apo
 
