@@ -137,6 +137,8 @@ class DeepSpeedSettings(_Section):
     """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
     bf16: bool = False
     """Train in bfloat16 with fp32 master weights."""
+    processes: int = Field(2, ge=1)
+    """Ranks the pipeline launches (torchrun --standalone) when it is not already running under a launcher: the GPUs of the node on a GPU job."""
 
 
 class TrainConfig(_Section):
@@ -181,6 +183,8 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide rollout_batch_size ({self.rollout_batch_size})"
             )
+        if self.deepspeed is not None and self.minibatch_size % self.deepspeed.processes:
+            raise ValueError(f"deepspeed.processes ({self.deepspeed.processes}) must divide minibatch_size ({self.minibatch_size})")
         return self
 
 

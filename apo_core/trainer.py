@@ -23,6 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .engines import GenerationEngine
+from .distributed import gathered
 from .modeling import collate, is_peft, response_logprobs
 from .objectives import apo_loss, token_entropy
 from .rewards import RewardFn
@@ -100,10 +101,11 @@ class OnlineTrainer:
 
             batch = [batch[i] for i in local_rows(len(batch), M, self.rank, self.world_size)]
             M //= self.world_size
-        completions = self.engine.generate(
-            [p.prompt for p in batch], temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 1_000_033 + self.step,
-        )
+        with gathered(self.policy):  # ZeRO-3 shards the weights; generation needs them whole
+            completions = self.engine.generate(
+                [p.prompt for p in batch], temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed * 1_000_033 + self.step,
+            )
         rewards = self.reward_fn([c.text for c in completions], [p.answer for p in batch])
         t_gen = time.perf_counter()
 
@@ -148,7 +150,7 @@ class OnlineTrainer:
             flat = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
             torch.distributed.all_reduce(flat)
             sums = {k: v / self.world_size for k, v in zip(keys, flat.cpu())}
-        self.engine.update_weights(self.policy)  # the next rollout samples from the updated policy
+        self._sync_engine()  # the next rollout samples from the updated policy
         self.step += 1
         t_upd = time.perf_counter()
 
@@ -184,7 +186,7 @@ class OnlineTrainer:
         if not prompts:
             raise ValueError("no training prompts (did the V* filter drop all of them?)")
         self.policy.train()
-        self.engine.update_weights(self.policy)  # covers weights restored from a checkpoint
+        self._sync_engine()  # covers weights restored from a checkpoint
         while self.step < self.cfg.steps:
             metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
             if on_step:
@@ -193,6 +195,10 @@ class OnlineTrainer:
                 path = self.save_checkpoint(checkpoint_dir, before_publish)
                 if on_checkpoint:
                     on_checkpoint(path)
+
+    def _sync_engine(self) -> None:
+        with gathered(self.policy):
+            self.engine.update_weights(self.policy)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint_dir: Path, before_publish: Callable[[Path], None] | None = None) -> Path:
@@ -223,8 +229,6 @@ class OnlineTrainer:
     def _save_ds_checkpoint(self, checkpoint_dir: Path, tmp: Path, final: Path, before_publish) -> Path:
         """The same layout under DeepSpeed: every rank writes its optimizer/parameter shards
         (ds/), rank 0 the gathered Hugging Face weights and the step, then publishes."""
-        from .distributed import gathered
-
         barrier = torch.distributed.barrier
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,9 @@ whose training config matches (train.steps may grow; changing anything else star
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from apo_core.rewards import get_reward, reward_stats
+from apo_core.config import ApoConfig
+from apo_core.distributed import gathered
 from apo_core.modeling import add_lora, reference_of
 from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints
 
@@ -34,6 +39,87 @@ def _work_dir(io: StageIO, run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / "apo" / run_id / "train_online"
 
 
+def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir: Path, resume_fp: str,
+               checkpoints_uri: str | None, log_metrics=None) -> dict:
+    """Train in this process (one rank of a DeepSpeed launch, or the whole job), resuming from the
+    newest matching checkpoint; rank 0 writes the final weights to work/model (and work/adapter
+    for LoRA). Returns {"steps", "history", "samples"}."""
+    model, tokenizer = load_model(cfg)
+    if cfg.train.lora:
+        lora = cfg.train.lora
+        model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, seed=cfg.train.seed)
+    trainer = OnlineTrainer(model, reference_of(model), tokenizer, engine_for(cfg, model, tokenizer),
+                            get_reward(cfg.reward_name), cfg.train)
+    history: list[dict] = []
+    samples: list[dict] = []
+    for ckpt in reversed(list_checkpoints(ckpt_dir)):
+        meta = ckpt / "resume.json"
+        if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == resume_fp:
+            trainer.load_checkpoint(ckpt)
+            history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
+            print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
+            break
+    lead = trainer.rank == 0
+
+    def on_step(step: int, metrics: dict[str, float], step_samples: list[dict]) -> None:
+        history.append({"step": step, **metrics})
+        samples.extend(step_samples[:SAMPLES_PER_STEP])
+        if log_metrics:
+            log_metrics(metrics, step)
+        if lead:
+            print(f"[train_online] step {step}/{cfg.train.steps} reward {metrics['rollout/reward_mean']:.3f} "
+                  f"loss {metrics['train/loss']:.4f} kl {metrics['train/kl']:.4f} "
+                  f"len {metrics['rollout/response_tokens_mean']:.0f} ({metrics['time/step_s']:.2f}s)")
+
+    def before_publish(tmp: Path) -> None:
+        pl.DataFrame(history).write_parquet(tmp / "metrics.parquet")
+        (tmp / "resume.json").write_text(json.dumps({"fingerprint": resume_fp}))
+
+    def on_checkpoint(path: Path) -> None:
+        if lead and checkpoints_uri:
+            storage.put_dir(path, storage.join(checkpoints_uri, path.name))
+
+    trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
+    with gathered(model):  # full weights also under ZeRO-3 (collective: every rank enters)
+        if lead:
+            if cfg.train.lora:  # the adapter on its own, then the merged weights evaluation and engines load
+                model.save_pretrained(work / "adapter")
+                model = model.merge_and_unload()
+            model.save_pretrained(work / "model")
+            tokenizer.save_pretrained(work / "model")
+    return {"steps": trainer.step, "history": history, "samples": samples}
+
+
+def launch_ranks(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir: Path, resume_fp: str,
+                 checkpoints_uri: str | None) -> dict:
+    """Run train_here on train.deepspeed.processes ranks (`torchrun --standalone`) and wait;
+    a failed rank fails the stage with the end of its log."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"config": cfg.model_dump(mode="json"), "prompts": [p.__dict__ for p in prompts], "work": str(work),
+            "ckpt_dir": str(ckpt_dir), "resume_fp": resume_fp, "checkpoints_uri": checkpoints_uri}
+    (work / "ranks.json").write_text(json.dumps(spec))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={cfg.train.deepspeed.processes}",
+           "-m", "tasks.train_online", str(work / "ranks.json")]
+    print(f"[train_online] launching {cfg.train.deepspeed.processes} ranks: {' '.join(cmd)}")
+    with open(work / "ranks.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = (work / "ranks.log").read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"train_online: a DeepSpeed rank failed (exit {code}); log {work / 'ranks.log'}: " + " | ".join(tail))
+    return json.loads((work / "ranks_result.json").read_text())
+
+
+def _rank_main(spec_path: str) -> None:
+    """Entry point of each rank (python -m tasks.train_online SPEC under torchrun)."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = ApoConfig.model_validate(spec["config"])
+    prompts = [TrainPrompt(**p) for p in spec["prompts"]]
+    out = train_here(cfg, prompts, Path(spec["work"]), Path(spec["ckpt_dir"]), spec["resume_fp"], spec["checkpoints_uri"])
+    if int(os.environ.get("RANK", 0)) == 0:
+        (Path(spec["work"]) / "ranks_result.json").write_text(json.dumps(out))
+
+
 @task(name="train_online", cache_policy=NO_CACHE)
 def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> StageResult:
     cfg = ctx.config
@@ -46,62 +132,35 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
         values = storage.read_parquet(vstar.outputs["vstar"]).filter(pl.col("kept"))
         v_of = dict(zip(values["prompt_id"].to_list(), values["vstar"].to_list()))
         prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in read_prompts(prep, "train") if r.prompt_id in v_of]
-
-        model, tokenizer = load_model(cfg)
-        if cfg.train.lora:
-            lora = cfg.train.lora
-            model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, seed=cfg.train.seed)
-        trainer = OnlineTrainer(model, reference_of(model), tokenizer, engine_for(cfg, model, tokenizer),
-                                get_reward(cfg.reward_name), cfg.train)
+        if not prompts:
+            raise ValueError("train_online: no training prompts (did the V* filter drop all of them?)")
         work = _work_dir(io, cfg.run_id or "run")
         ckpt_dir = work / "checkpoints"
         if not storage.is_local(io.uri) and storage.exists(io.path("checkpoints")):
             ckpt_dir = storage.localize_dir(io.path("checkpoints"))
-        history: list[dict] = []
-        samples: list[dict] = []
-        for ckpt in reversed(list_checkpoints(ckpt_dir)):
-            meta = ckpt / "resume.json"
-            if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == resume_fp:
-                trainer.load_checkpoint(ckpt)
-                history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
-                print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
-                break
+        remote_ckpts = None if storage.is_local(io.uri) else io.path("checkpoints")
 
-        def on_step(step: int, metrics: dict[str, float], step_samples: list[dict]) -> None:
-            history.append({"step": step, **metrics})
-            samples.extend(step_samples[:SAMPLES_PER_STEP])
-            io.log_metrics(metrics, step)
-            print(f"[train_online] step {step}/{cfg.train.steps} reward {metrics['rollout/reward_mean']:.3f} "
-                  f"loss {metrics['train/loss']:.4f} kl {metrics['train/kl']:.4f} "
-                  f"len {metrics['rollout/response_tokens_mean']:.0f} ({metrics['time/step_s']:.2f}s)")
-
-        def before_publish(tmp: Path) -> None:
-            pl.DataFrame(history).write_parquet(tmp / "metrics.parquet")
-            (tmp / "resume.json").write_text(json.dumps({"fingerprint": resume_fp}))
-
-        def on_checkpoint(path: Path) -> None:
-            storage.put_dir(path, io.path("checkpoints", path.name))
-
-        trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
+        if cfg.train.deepspeed is not None and "WORLD_SIZE" not in os.environ:
+            out = launch_ranks(cfg, prompts, work, ckpt_dir, resume_fp, remote_ckpts)
+            for row in out["history"]:  # the ranks do not talk to MLflow; their step metrics are logged here
+                io.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
+        else:
+            out = train_here(cfg, prompts, work, ckpt_dir, resume_fp, remote_ckpts, log_metrics=io.log_metrics)
+        history, samples = out["history"], out["samples"]
 
         outputs = {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
-        if cfg.train.lora:  # the adapter on its own, then the merged weights that evaluation and engines load
-            model.save_pretrained(work / "adapter")
+        if cfg.train.lora:
             storage.put_dir(work / "adapter", io.path("adapter"))
             outputs["adapter"] = io.path("adapter")
-            model = model.merge_and_unload()
-        final = work / "model"
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        storage.put_dir(final, io.path("model"))
+        storage.put_dir(work / "model", io.path("model"))
         storage.write_parquet(pl.DataFrame(history), io.path("metrics.parquet"))
         if samples:
             storage.write_parquet(pl.DataFrame(samples), io.path("samples.parquet"))
             io.tracker.log_table(io.mlflow_run_id, samples, "train_samples.json")
-        io.tracker.log_artifacts(io.mlflow_run_id, final, "model")
+        io.tracker.log_artifacts(io.mlflow_run_id, work / "model", "model")
         last = history[-10:]
         metrics = {
-            "train/steps": float(trainer.step),
+            "train/steps": float(out["steps"]),
             "train/prompts": float(len(prompts)),
             "train/reward_mean_last10": sum(h["rollout/reward_mean"] for h in last) / max(1, len(last)),
             "train/kl_last": float(history[-1]["train/kl"]) if history else 0.0,
@@ -111,3 +170,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
 
     fp = fingerprint(cfg.train.model_dump(), resume_fp)
     return run_stage(ctx, "train_online", fp, body)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

@@ -47,3 +47,32 @@ def test_two_process_zero_matches_one_process(zero, single_process, tiny_model_d
     for k, v in ref_weights.items():
         assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
     assert (tmp_path / "checkpoints" / "step_000003" / "ds").is_dir()  # ZeRO shards for a resume
+
+
+def test_pipeline_trains_on_two_deepspeed_ranks(prefect_api, tiny_model_dir, tmp_path):
+    """train.deepspeed in a pipeline run: the stage launches 2 ranks (torchrun), which train and
+    checkpoint; the stage publishes the gathered model and logs every step."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.apo import apo
+    from tests.test_flow import tiny_config
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, **{"run_id": "ds", "train.steps": 2, "train.deepspeed.zero_stage": 3,
+                                                  "train.deepspeed.processes": 2})
+    summary = apo(config=cfg)
+    stage = tmp_path / "ds" / "train_online"
+    assert "launching 2 ranks" not in (stage / "ranks.log").read_text()  # the log is the ranks' own
+    weights = load_file(stage / "model" / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert weights.keys() == start.keys() and all(v.numel() for v in weights.values())  # gathered, not ZeRO-3 shards
+    assert any(not torch.equal(start[k], weights[k]) for k in start)
+    assert (stage / "checkpoints" / "step_000002" / "ds").is_dir()
+    history = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(summary["mlflow_stage_runs"]["train_online"], "train/loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_ranks_must_divide_the_minibatch():
+    from apo_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"deepspeed.processes \(3\) must divide minibatch_size \(64\)"):
+        load_config(overrides=["train.deepspeed.processes=3"])
