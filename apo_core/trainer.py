@@ -203,6 +203,7 @@ class OnlineTrainer:
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint_dir: Path, before_publish: Callable[[Path], None] | None = None) -> Path:
         """Write <dir>/step_NNNNNN/ (model, tokenizer, optimizer, step), then prune old ones.
+        Under DeepSpeed, ds/ holds every rank's shards and rank 0 writes the rest.
 
         The folder is written under a temporary name and renamed, so a kill mid-write never
         leaves a checkpoint that looks complete; `before_publish` may add files to it first.
@@ -210,37 +211,22 @@ class OnlineTrainer:
         checkpoint_dir = Path(checkpoint_dir)
         final = checkpoint_dir / f"step_{self.step:06d}"
         tmp = checkpoint_dir / f".tmp_step_{self.step:06d}"
-        if self.ds is not None:
-            return self._save_ds_checkpoint(checkpoint_dir, tmp, final, before_publish)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.policy.save_pretrained(tmp / "model")
-        self.tokenizer.save_pretrained(tmp / "model")
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / STATE_FILE)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
-        if before_publish:
-            before_publish(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def _save_ds_checkpoint(self, checkpoint_dir: Path, tmp: Path, final: Path, before_publish) -> Path:
-        """The same layout under DeepSpeed: every rank writes its optimizer/parameter shards
-        (ds/), rank 0 the gathered Hugging Face weights and the step, then publishes."""
-        barrier = torch.distributed.barrier
-        if self.rank == 0:
+        lead = self.rank == 0
+        if lead:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
-        self.ds.save_checkpoint(str(tmp / "ds"), tag="state")
-        with gathered(self.policy):  # collective under ZeRO-3
-            if self.rank == 0:
+        self._barrier()
+        state: dict = {"step": self.step}
+        if self.ds is not None:  # every rank writes its own optimizer / parameter shards
+            self.ds.save_checkpoint(str(tmp / "ds"), tag="state")
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        with gathered(self.policy):  # whole weights also under ZeRO-3 (collective)
+            if lead:
                 self.policy.save_pretrained(tmp / "model")
-        if self.rank == 0:
+        if lead:
             self.tokenizer.save_pretrained(tmp / "model")
-            torch.save({"step": self.step, "deepspeed": True}, tmp / STATE_FILE)
+            torch.save(state, tmp / STATE_FILE)
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
             if before_publish:
                 before_publish(tmp)
@@ -248,8 +234,12 @@ class OnlineTrainer:
             tmp.rename(final)
             for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        barrier()
+        self._barrier()
         return final
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
