@@ -60,3 +60,30 @@ def shared_data():
         if path and (Path(path) / "gsm8k" / "test.jsonl").exists():
             return Path(path)
     pytest.fail(f"shared data not found at {candidates[1]} (set APO_SHARED_DATA to its folder)")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's server mode) with a bucket `apo-test`; credentials and
+    the endpoint reach s3fs through the environment only, as in production."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "apo-test-key", "AWS_SECRET_ACCESS_KEY": "apo-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("apo-test")
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
