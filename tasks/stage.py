@@ -1,7 +1,8 @@
 """What every stage shares: where its outputs live, when it counts as done, what it measured.
 
 A stage's folder is `<artifact_root>/<run_id>/<stage>/`; the stage is complete when its
-marker `_COMPLETE.json` exists, written last. The marker records a fingerprint of the config
+marker `_COMPLETE.json` exists, written last, with a manifest of every output file (bytes,
+sha256, Parquet rows): a skipped stage is reused only while its files still match it. The marker records a fingerprint of the config
 the stage depends on and of its inputs; a re-run with the same run id skips a stage whose
 fingerprint matches and recomputes it (and so everything downstream) when it does not.
 """
@@ -26,6 +27,8 @@ from . import storage
 from .tracking import Tracker
 
 MARKER = "_COMPLETE.json"
+# Sub-folders that hold a stage's resumable working state, not its published output.
+RESUME_STATE = ("checkpoints", "shards", MARKER)
 
 STAGES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
 
@@ -61,6 +64,7 @@ class StageResult(BaseModel):
     metrics: dict[str, float] = {}
     outputs: dict[str, str] = {}
     mlflow_run_id: str | None = None
+    manifest: dict[str, dict] = {}  # every published file: bytes, sha256, Parquet rows
 
 
 def fingerprint(*parts: Any) -> str:
@@ -116,7 +120,13 @@ def completed(ctx: RunContext, stage: str, fp: str) -> StageResult | None:
     if not storage.exists(marker):
         return None
     result = StageResult.model_validate(storage.read_json(marker))
-    return result if result.fingerprint == fp else None
+    if result.fingerprint != fp:
+        return None
+    problem = storage.manifest_mismatch(result.uri, result.manifest)
+    if problem:
+        print(f"[{stage}] published output does not match its manifest: {problem}; recomputing")
+        return None
+    return result
 
 
 def run_stage(
@@ -150,6 +160,7 @@ def run_stage(
     result = StageResult(
         stage=stage, uri=uri, status="ran", fingerprint=fp, seconds=seconds, peak_rss_mb=peak_mb,
         metrics=metrics, outputs=outputs, mlflow_run_id=mlflow_run,
+        manifest=storage.manifest(uri, skip=RESUME_STATE),
     )
     storage.write_json(result.model_dump(mode="json"), storage.join(uri, MARKER))
     print(f"[{stage}] done in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB")

@@ -6,6 +6,7 @@ one PUT is atomic). A stage is complete only when its marker file exists (see ta
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -70,6 +71,50 @@ def write_parquet(df: pl.DataFrame, uri: str) -> None:
 
 def read_parquet(uri: str) -> pl.DataFrame:
     return pl.read_parquet(io.BytesIO(read_bytes(uri)))
+
+
+HASH_LIMIT = 256 * 2**20  # files up to this size are hashed in manifests; larger ones by size only
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(uri: str, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """relative path -> {bytes, sha256 (files up to HASH_LIMIT), rows (Parquet)} of every file
+    under the folder `uri`, leaving out top-level entries named in `skip`."""
+    fs, root = fs_path(uri)
+    out: dict[str, dict] = {}
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        rel = path[len(root.rstrip("/")) + 1 :]
+        if rel.split("/", 1)[0] in skip:
+            continue
+        entry: dict = {"bytes": int(info["size"])}
+        if entry["bytes"] <= HASH_LIMIT:
+            entry["sha256"] = _sha256(fs, path)
+        if rel.endswith(".parquet"):
+            entry["rows"] = pl.read_parquet(io.BytesIO(fs.cat_file(path))).height
+        out[rel] = entry
+    return out
+
+
+def manifest_mismatch(uri: str, expected: dict[str, dict]) -> str | None:
+    """Why the files under `uri` differ from a manifest (missing, other size, other hash), or None."""
+    fs, root = fs_path(uri)
+    for rel, entry in expected.items():
+        path = f"{root.rstrip('/')}/{rel}"
+        if not fs.exists(path):
+            return f"{rel} is missing"
+        size = int(fs.size(path))
+        if size != entry["bytes"]:
+            return f"{rel} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
+        if "sha256" in entry and _sha256(fs, path) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
 
 
 def write_json(obj: Any, uri: str) -> None:
