@@ -85,6 +85,8 @@ class GenerationConfig(_Section):
     """Share of GPU memory vLLM may take (weights + KV cache); the rest stays with the trainer on the same GPU."""
     enable_sleep_mode: bool = False
     """vLLM on GPU: offload its weights and free its KV cache between generations, so training gets that memory (ignored on CPU)."""
+    max_num_seqs: int = Field(1024, ge=1)
+    """vLLM: sequences decoded together at most (bench/engines.py: 1024 was the fastest of 64/256/1024 on CPU; vLLM's CPU default is 256)."""
     cpu_kvcache_gb: int = Field(1, ge=1)
     """vLLM on CPU: KV cache size in GiB."""
 

@@ -231,7 +231,8 @@ def _keep_process_state():
         torch.set_num_threads = set_num_threads
 
 
-def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep_mode: bool, cpu_kvcache_gb: int) -> _LiveLLM:
+def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep_mode: bool, cpu_kvcache_gb: int,
+               max_num_seqs: int) -> _LiveLLM:
     for env, value in _VLLM_ENV.items():
         os.environ[env] = value
     from vllm import LLM
@@ -246,7 +247,7 @@ def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep
     args: dict[str, Any] = dict(
         model=config_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, max_model_len=max_model_len,
         generation_config="vllm",  # sampling is exactly what apo asks for, not the checkpoint's defaults
-        seed=0,
+        seed=0, max_num_seqs=max_num_seqs,
     )
     if on_cpu:
         # Eager: compiling a graph costs more than it saves at these sizes; the KV cache is sized
@@ -301,6 +302,7 @@ class VLLMEngine(_PromptTokens):
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool = False,
         cpu_kvcache_gb: int = 1,
+        max_num_seqs: int = 1024,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -311,7 +313,8 @@ class VLLMEngine(_PromptTokens):
             for old in list(_LIVE.values()):  # one engine per process: a new architecture replaces the old
                 _shutdown(_LIVE.pop(old.key))
             _LIVE[key] = _start_llm(key, model, gpu_memory_utilization=gpu_memory_utilization,
-                                    enable_sleep_mode=enable_sleep_mode, cpu_kvcache_gb=cpu_kvcache_gb)
+                                    enable_sleep_mode=enable_sleep_mode, cpu_kvcache_gb=cpu_kvcache_gb,
+                                    max_num_seqs=max_num_seqs)
         self._live = _LIVE[key]
         self.llm = self._live.llm
         self.update_weights(model)

@@ -47,7 +47,8 @@ def engine_for(cfg: ApoConfig, model, tokenizer):
     name = resolve_engine_name(gen.engine, next(model.parameters()).device)
     if name == "vllm":
         kwargs = dict(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
-                      enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb)
+                      enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb,
+                      max_num_seqs=gen.max_num_seqs)
     else:
         kwargs = dict(batch_size=gen.batch_size, autocast_bf16=gen.autocast_bf16)
     return make_engine(name, model, tokenizer, **kwargs)
