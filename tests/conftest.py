@@ -64,14 +64,31 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 API on loopback (moto's server mode) with a bucket `apo-test`; credentials and
-    the endpoint reach s3fs through the environment only, as in production."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 API on loopback (moto's server, in its own process as a real endpoint would be:
+    in-process it would import Flask, whose context proxies break vLLM's start-up) with a bucket
+    `apo-test`; credentials and the endpoint reach s3fs through the environment only."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"moto S3 server did not start on {endpoint}")
+            time.sleep(0.2)
     env = {"AWS_ACCESS_KEY_ID": "apo-test-key", "AWS_SECRET_ACCESS_KEY": "apo-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
@@ -86,4 +103,5 @@ def s3_endpoint():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
