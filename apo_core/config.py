@@ -75,6 +75,8 @@ class ModelConfig(_Section):
 class GenerationConfig(_Section):
     engine: Literal["auto", "vllm", "transformers"] = "transformers"
     """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: vllm when the model is on CUDA and vLLM imports, else transformers."""
+    stage_engines: dict[Literal["sample_reference", "train_online", "evaluate"], Literal["auto", "vllm", "transformers"]] = Field(default_factory=dict)
+    """Per-stage override of `engine`, e.g. {sample_reference: vllm} (`hf` is an alias)."""
     batch_size: int = Field(512, ge=1)
     """Prompts per generate call (transformers)."""
     autocast_bf16: bool | None = None
@@ -94,6 +96,17 @@ class GenerationConfig(_Section):
     @classmethod
     def _engine_alias(cls, value: Any) -> Any:
         return "transformers" if value == "hf" else value
+
+    @field_validator("stage_engines", mode="before")
+    @classmethod
+    def _stage_engine_alias(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: "transformers" if v == "hf" else v for k, v in value.items()}
+        return value
+
+    def engine_for_stage(self, stage: str) -> str:
+        """The engine setting a stage uses: its override, else `engine`."""
+        return self.stage_engines.get(stage, self.engine)  # type: ignore[call-overload]
 
 
 class ReferenceConfig(_Section):

@@ -163,7 +163,7 @@ def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str) -> 
     from tasks import storage
     from tasks.common import engine_for
 
-    engine = engine_for(ApoConfig(generation={"engine": ENGINES[engine_name]}), model, tok)
+    engine = engine_for(ApoConfig(generation={"engine": ENGINES[engine_name]}), "sample_reference", model, tok)
     reward = get_reward("embedded")
 
     def stage(recs, name: str) -> int:
@@ -204,7 +204,7 @@ def child_stage2(engine: str, s: dict) -> dict:
 
     model, tok = load_model_and_tokenizer("embedded", "float32", "cpu")
     start = time.perf_counter()
-    gen = engine_for(ApoConfig(generation={"engine": ENGINES[engine], "autocast_bf16": False}), model, tok)
+    gen = engine_for(ApoConfig(generation={"engine": ENGINES[engine], "autocast_bf16": False}), "train_online", model, tok)
     engine_start_s = time.perf_counter() - start
     cfg = TrainConfig(steps=s["warmup"] + s["steps"], rollout_batch_size=s["rollout"], minibatch_size=s["minibatch"],
                       max_new_tokens=s["max_new_tokens"])

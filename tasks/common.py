@@ -41,10 +41,10 @@ def load_model(cfg: ApoConfig, path: str | None = None):
     return load_model_and_tokenizer(path, cfg.model.dtype, cfg.model.device)
 
 
-def engine_for(cfg: ApoConfig, model, tokenizer):
-    """The configured generation engine (`auto` resolved for the model's device) over `model`."""
+def engine_for(cfg: ApoConfig, stage: str, model, tokenizer):
+    """The generation engine configured for `stage` (`auto` resolved for the model's device) over `model`."""
     gen = cfg.generation
-    name = resolve_engine_name(gen.engine, next(model.parameters()).device)
+    name = resolve_engine_name(gen.engine_for_stage(stage), next(model.parameters()).device)
     if name == "vllm":
         kwargs = dict(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
                       enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb,

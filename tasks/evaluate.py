@@ -28,7 +28,7 @@ def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str
     frames, metrics = [], {}
     for model_name, path in models.items():
         model, tokenizer = load_model(cfg, path)
-        engine = engine_for(cfg, model, tokenizer)
+        engine = engine_for(cfg, "evaluate", model, tokenizer)
         for set_name, (records, reward) in sets.items():
             rows, m = evaluate_model(
                 engine, records, get_reward(reward), max_new_tokens=cfg.eval.max_new_tokens, samples=cfg.eval.samples,

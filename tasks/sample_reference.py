@@ -35,7 +35,7 @@ def sample_reference(ctx: RunContext, prep: StageResult) -> StageResult:
                 continue
             if engine is None:
                 model, tokenizer = load_model(cfg)
-                engine = engine_for(cfg, model, tokenizer)
+                engine = engine_for(cfg, "sample_reference", model, tokenizer)
             t0 = time.perf_counter()
             rows = sample(engine, shard, get_reward(cfg.reward_name), n_samples=ref.n_samples, temperature=ref.temperature,
                           top_p=ref.top_p, max_new_tokens=ref.max_new_tokens, seed=ref.seed + s * ref.n_samples)

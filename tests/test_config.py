@@ -70,3 +70,11 @@ def test_example_gpu_configs_load_with_the_paper_settings():
 @pytest.mark.parametrize("given, engine", [("hf", "transformers"), ("transformers", "transformers"), ("vllm", "vllm"), ("auto", "auto")])
 def test_generation_engine_names(given, engine):
     assert load_config(overrides=[f"generation.engine={given}"]).generation.engine == engine
+
+
+def test_engine_selectable_per_stage():
+    gen = load_config(overrides=["generation.engine=vllm", "generation.stage_engines.train_online=hf"]).generation
+    assert gen.engine_for_stage("train_online") == "transformers"
+    assert gen.engine_for_stage("sample_reference") == "vllm"
+    with pytest.raises(ConfigError, match="stage_engines"):
+        load_config(overrides=["generation.stage_engines.preprocess=vllm"])
