@@ -181,6 +181,8 @@ class TrainConfig(_Section):
     """Sampling temperature of the on-policy responses."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest on-policy response."""
+    max_nonfinite_in_a_row: int = Field(3, ge=1)
+    """Updates with a NaN/inf loss or gradient are skipped and counted (train/nonfinite_skipped); this many in a row stop the run, naming the step and the last good checkpoint."""
     checkpoint_every: int = Field(20, ge=1)
     """Save a resumable checkpoint every this many rollout steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)

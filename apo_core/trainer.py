@@ -74,6 +74,8 @@ class OnlineTrainer:
                 model=policy, optimizer=self.optimizer, config=distributed.ds_config(cfg.deepspeed, cfg, self.world_size))
             self.device = self.ds.device
         self.step = 0  # rollout steps completed
+        self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
+        self.last_checkpoint: Path | None = None
 
     # -- data order ---------------------------------------------------------------------------
     def batch_for_step(self, prompts: Sequence[TrainPrompt], step: int) -> list[TrainPrompt]:
@@ -118,6 +120,7 @@ class OnlineTrainer:
         t_ref = time.perf_counter()
 
         sums: dict[str, torch.Tensor] = {}
+        skipped = 0
         trained = self.ds if self.ds is not None else self.policy
         for k in range(n_updates):
             rows = slice(k * M, (k + 1) * M)
@@ -142,7 +145,12 @@ class OnlineTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                if not bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"])):
+                    self._skip_nonfinite()  # no update from NaN/inf; stops the run after too many in a row
+                    skipped += 1
+                    continue
                 self.optimizer.step()
+                self.nonfinite_streak = 0
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
         if self.world_size > 1:  # metrics of the whole minibatch, not of this rank's share
@@ -155,7 +163,8 @@ class OnlineTrainer:
         t_upd = time.perf_counter()
 
         n_tokens = [len(c.token_ids) for c in completions]
-        out = {f"train/{k}": float(v) / max(1, n_updates) for k, v in sums.items()}  # one sync per step
+        out = {f"train/{k}": float(v) / max(1, n_updates - skipped) for k, v in sums.items()}  # one sync per step
+        out["train/nonfinite_skipped"] = float(skipped)
         out.update({
             "rollout/reward_mean": sum(rewards) / len(rewards),
             "rollout/response_tokens_mean": sum(n_tokens) / len(n_tokens),
@@ -196,6 +205,14 @@ class OnlineTrainer:
                 if on_checkpoint:
                     on_checkpoint(path)
 
+    def _skip_nonfinite(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"train_online: {self.nonfinite_streak} updates in a row had a non-finite loss or gradient, at rollout step "
+                f"{self.step + 1}; last good checkpoint: {self.last_checkpoint or 'none yet'}")
+
     def _sync_engine(self) -> None:
         with gathered(self.policy):
             self.engine.update_weights(self.policy)
@@ -235,6 +252,7 @@ class OnlineTrainer:
             for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        self.last_checkpoint = final
         return final
 
     def _barrier(self) -> None:

@@ -145,3 +145,28 @@ def test_lora_resume_and_serving_weights_match_the_merged_model(tiny_model_dir, 
     assert served.keys() == merged.keys()
     for k, v in merged.items():
         assert torch.allclose(served[k], v, atol=1e-6), k
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, steps=4, checkpoint_every=1)
+    good_reward = trainer.reward_fn
+    calls = []
+
+    def flaky(completions, answers):  # NaN rewards on rollout step 2 only
+        calls.append(1)
+        return [float("nan")] * len(completions) if len(calls) == 2 else good_reward(completions, answers)
+
+    trainer.reward_fn = flaky
+    history = []
+    trainer.train(PROMPTS[:4] * 2, tmp_path / "a", on_step=lambda s, m, _: history.append(m))
+    assert [m["train/nonfinite_skipped"] for m in history] == [0.0, 2.0, 0.0, 0.0]  # both updates of step 2
+    assert all(v == v for m in history for k, v in m.items() if k.startswith("train/"))  # no NaN in the update metrics
+    assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
+
+    broken = make_trainer(tiny_model_dir, steps=4, checkpoint_every=1)
+    broken.train(PROMPTS, tmp_path / "b")  # 4 good steps, checkpoint step_000004
+    broken.cfg = broken.cfg.model_copy(update={"steps": 8})
+    broken.reward_fn = lambda completions, answers: [float("nan")] * len(completions)
+    # step 5 skips its 2 updates (streak 2) and still checkpoints unchanged, finite weights; step 6's first update stops it
+    with pytest.raises(FloatingPointError, match=r"3 updates in a row .* at rollout step 6; last good checkpoint: .*step_000005"):
+        broken.train(PROMPTS, tmp_path / "b")
