@@ -122,6 +122,8 @@ class ReferenceConfig(_Section):
     """Base seed; shard s draws its sample i with seed + s * n_samples + i."""
     shard_size: int = Field(512, ge=1)
     """Prompts per stage-1 shard: each shard is one engine pass and one Parquet part, and a rerun redoes only missing shards."""
+    shards: int = Field(2, ge=1)
+    """`execution: work-pool`: stage-1 flow runs the shards are spread over (at most one per shard; each takes a contiguous range of shards and writes the same parts as a local run). How many run at once is the concurrency limit of the shard deployment in prefect.yaml. Not part of the samples' fingerprint: the samples do not depend on it."""
 
 
 class VstarConfig(_Section):
@@ -240,6 +242,43 @@ class TrackingConfig(_Section):
     """MLflow experiment name."""
 
 
+STAGE_NAMES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
+
+
+def _deployment_name(value: str) -> str:
+    flow_name, sep, name = value.partition("/")
+    if not sep or not flow_name or not name or "/" in name:
+        raise ValueError(f"deployment {value!r} must look like <flow name>/<deployment name>, e.g. apo-preprocess/apo-cpu")
+    return value
+
+
+class StageDeployments(_Section):
+    preprocess: str = "apo-preprocess/apo-cpu"
+    """Deployment (<flow>/<deployment>, from prefect.yaml) that runs preprocess; a CPU pool."""
+    sample_reference: str = "apo-sample-reference-shard/apo-gpu"
+    """Deployment that runs ONE shard group of stage 1; the apo flow submits `reference.shards` of them at once (GPU pool, bounded by the deployment's concurrency limit)."""
+    aggregate_vstar: str = "apo-aggregate-vstar/apo-cpu"
+    """Deployment that runs aggregate_vstar; a CPU pool."""
+    train_online: str = "apo-train-online/apo-gpu"
+    """Deployment that runs train_online; a GPU pool."""
+    evaluate: str = "apo-evaluate/apo-gpu"
+    """Deployment that runs evaluate; a GPU pool."""
+
+    @field_validator("*")
+    @classmethod
+    def _names_ok(cls, value: str) -> str:
+        return _deployment_name(value)
+
+
+class OrchestrationConfig(_Section):
+    deployments: StageDeployments = Field(default_factory=StageDeployments)
+    """Which deployment each stage is submitted to under `execution: work-pool` (pools: apo-cpu, apo-gpu in prefect.yaml)."""
+    stage_timeout_s: float = Field(86400.0, gt=0)
+    """Longest wait for a stage's flow run(s); past it they are cancelled and the pipeline fails naming the stage."""
+    poll_s: float = Field(2.0, gt=0)
+    """Seconds between state checks of the submitted stage flow runs."""
+
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -250,6 +289,10 @@ class ApoConfig(_Section):
     """Run id: artifacts go under <artifact_root>/<run_id>/; re-using one resumes it. None: a timestamp."""
     artifact_root: str = "./.apo"
     """Where stages exchange Parquet: a local folder or any fsspec URI (s3://bucket/prefix)."""
+    execution: Literal["local", "work-pool"] = "local"
+    """Where stages run: `local` in the apo flow's own process; `work-pool`: each stage as its own Prefect flow run on its work pool (deployments in prefect.yaml, see `orchestration`), stage 1 as `reference.shards` flow runs at once. Artifacts must then be where every worker can reach them (s3://..., or a folder all workers share)."""
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    """How `execution: work-pool` submits and waits for the stage flow runs."""
     reward: Literal["auto", "embedded", "gsm8k", "math"] = "auto"
     """Verifier that scores responses (apo_core.rewards); `auto`: the data set's own (gsm8k for gsm8k and custom, math for the MATH family)."""
     data: DataConfig = Field(default_factory=DataConfig)
