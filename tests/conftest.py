@@ -105,3 +105,64 @@ def s3_endpoint():
             os.environ[key] = value
     server.terminate()
     server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """A real MLflow tracking server over HTTP on loopback: runs and the model registry in SQLite,
+    artifacts in the S3 bucket under s3://apo-test/mlflow. `--no-serve-artifacts`: the server
+    hands out s3:// artifact locations and clients (tests, pipeline stages) write to the bucket
+    themselves, so both the server and this process get MLFLOW_S3_ENDPOINT_URL. Yields the URI."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home = tmp_path_factory.mktemp("mlflow-server")
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    log = open(home / "server.log", "wb")
+    server = subprocess.Popen(
+        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+         "--default-artifact-root", "s3://apo-test/mlflow", "--no-serve-artifacts"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # the first start migrates the SQLite schema (tens of seconds on 2 cores)
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                tail = (home / "server.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"MLflow server did not start on {uri}:\n{tail}")
+            time.sleep(0.5)
+    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+    try:
+        yield uri
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
+        else:
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+        import signal
+
+        try:  # the server forks uvicorn workers: end its whole process group
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
