@@ -1,25 +1,35 @@
-"""The `apo` flow: the A*-PO pipeline as its list of stages."""
+"""The `apo` flow: the A*-PO pipeline as its list of stages.
+
+`execution: local` runs each stage as a task of this flow; `work-pool` submits each as its own
+flow run on its work pool and waits for it (flows/dispatch.py, flows/stages.py).
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from apo_core.config import ApoConfig
-from tasks.aggregate_vstar import aggregate_vstar
-from tasks.evaluate import evaluate
-from tasks.preprocess import preprocess
-from tasks.run import finish_run, start_run
-from tasks.sample_reference import sample_reference
-from tasks.train_online import train_online
+from apo_core.config import ApoConfig, ConfigError
+from flows.dispatch import stages_for
+from tasks.register import register_model
+from tasks.run import finish_run, read_config, start_run
 
 
 @flow(name="apo", log_prints=True)
-def apo(config: ApoConfig = ApoConfig()) -> dict:
-    """preprocess -> sample_reference -> aggregate_vstar (+filter) -> train_online -> evaluate."""
+def apo(config: ApoConfig = ApoConfig(), config_uri: str | None = None) -> dict:
+    """preprocess -> sample_reference -> aggregate_vstar (+filter) -> train_online -> evaluate.
+
+    `config_uri`: read the config from this YAML file (any fsspec URI, e.g. s3://...) instead,
+    as the scheduled `apo/retrain` deployment does."""
+    if config_uri:
+        if config != ApoConfig():
+            raise ConfigError("config: give either config or config_uri, not both")
+        config = read_config(config_uri)
     ctx = start_run(config)
-    prompts = preprocess(ctx)
-    samples = sample_reference(ctx, prompts)
-    vstar = aggregate_vstar(ctx, samples)
-    trained = train_online(ctx, prompts, vstar)
-    results = evaluate(ctx, prompts, trained)
+    stages = stages_for(ctx)  # tasks in this process, or flow runs on the work pools
+    prompts = stages.preprocess(ctx)
+    samples = stages.sample_reference(ctx, prompts)
+    vstar = stages.aggregate_vstar(ctx, samples)
+    trained = stages.train_online(ctx, prompts, vstar)
+    results = stages.evaluate(ctx, prompts, trained)
+    register_model(ctx, trained, results)  # MLflow registry: `champion` moves only when the new model wins
     return finish_run(ctx, [prompts, samples, vstar, trained, results])

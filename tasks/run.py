@@ -57,3 +57,23 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
     tracker.end(ctx.parent_run_id, ok=True)
     storage.write_json(summary, summary["summary_uri"])
     return summary
+
+
+def read_config(uri: str) -> ApoConfig:
+    """The run's config from a YAML file at any fsspec URI (e.g. s3://bucket/configs/retrain.yaml),
+    validated like `apo run --config`; any problem is one ConfigError line naming the URI."""
+    import yaml
+
+    from apo_core.config import ConfigError, load_config
+
+    try:
+        raw = storage.read_bytes(uri)
+    except Exception as exc:  # missing file, no access, endpoint down (after storage's own retries)
+        raise ConfigError(f"config: cannot read {uri}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    try:
+        tree = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {uri} is not YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: {uri} must hold a mapping at top level")
+    return load_config(base=tree)
