@@ -6,7 +6,10 @@ current policy, scores it, scores it under pi_ref, and takes rollout/minibatch A
     loss = mean_B ( beta2 * [log pi(y|x) - log pi_ref(y|x)] - (r(x, y) - V*(x)) )^2
 
 The prompt order and sampling seeds are functions of the step number, so a run resumed from
-a checkpoint continues exactly where the checkpoint left it.
+a checkpoint continues exactly where the checkpoint left it. A checkpoint also holds every RNG
+state (torch CPU and CUDA, numpy, python `random`; per rank under DeepSpeed) for the draws that
+are not seeded per step (dropout, unseeded engines), the data position, and the hash of the V*
+table it trained against: resuming against other V* values fails instead of training.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import hashlib
+
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -40,6 +46,49 @@ class TrainPrompt:
 
 
 StepCallback = Callable[[int, dict[str, float], list[dict]], None]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that must not be resumed here (it trained against another V* table)."""
+
+
+def vstar_table_hash(prompts: Sequence[TrainPrompt]) -> str:
+    """sha256 of the V* table a run trains against: its (prompt_id, vstar) pairs, i.e. the rows of
+    vstar.parquet that stage 2 keeps, one `prompt_id<TAB>float.hex(vstar)` line each, sorted by
+    prompt_id. Exact (hex floats), independent of row order and of Parquet's encoding.
+
+    >>> a, b = TrainPrompt("a", "", "", 1.0), TrainPrompt("b", "", "", 0.5)
+    >>> vstar_table_hash([a, b]) == vstar_table_hash([b, a]) != vstar_table_hash([a, TrainPrompt("b", "", "", 0.25)])
+    True
+    """
+    lines = sorted(f"{p.prompt_id}\t{float(p.vstar).hex()}" for p in prompts)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    """Every global RNG this process draws from, in a form torch.load(weights_only=True) reads."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured (CUDA only where this process has the same devices)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class OnlineTrainer:
@@ -76,6 +125,9 @@ class OnlineTrainer:
         self.step = 0  # rollout steps completed
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
         self.last_checkpoint: Path | None = None
+        self.vstar_hash: str | None = None  # of the prompts train() runs on; saved with every checkpoint
+        self.n_prompts: int | None = None
+        self.resumed_from: dict | None = None  # {"path", "vstar_hash", "data_position"} after load_checkpoint
 
     # -- data order ---------------------------------------------------------------------------
     def batch_for_step(self, prompts: Sequence[TrainPrompt], step: int) -> list[TrainPrompt]:
@@ -91,6 +143,12 @@ class OnlineTrainer:
             out += [prompts[i] for i in order[offset : offset + take]]
             pos += take
         return out
+
+    def data_position(self, n_prompts: int, step: int | None = None) -> dict:
+        """Where rollout step `step` (default: the next one) starts reading: the epoch of the
+        seeded prompt order and the index into it."""
+        epoch, index = divmod((self.step if step is None else step) * self.cfg.rollout_batch_size, n_prompts)
+        return {"step": self.step if step is None else step, "epoch": epoch, "next_prompt_index": index, "prompts": n_prompts}
 
     # -- one rollout step ---------------------------------------------------------------------
     def train_step(self, batch: Sequence[TrainPrompt]) -> tuple[dict[str, float], list[dict]]:
@@ -140,7 +198,15 @@ class OnlineTrainer:
             if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself
                 self.ds.backward(loss)
                 self.ds.step()
-                metrics["grad_norm"] = torch.tensor(float(self.ds.get_global_grad_norm() or 0.0))
+                norm = self.ds.get_global_grad_norm()
+                metrics["grad_norm"] = torch.tensor(float(0.0 if norm is None else norm))
+                # ZeRO drops a step whose global gradient norm is NaN/inf (a NaN loss on any rank
+                # makes it so) and reports the norm as inf; the norm is global, so every rank agrees.
+                if not bool(torch.isfinite(metrics["grad_norm"])):
+                    self._skip_nonfinite()
+                    skipped += 1
+                    continue
+                self.nonfinite_streak = 0
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -194,6 +260,9 @@ class OnlineTrainer:
         """Run rollout steps from self.step up to cfg.steps, checkpointing as configured."""
         if not prompts:
             raise ValueError("no training prompts (did the V* filter drop all of them?)")
+        self.vstar_hash, self.n_prompts = vstar_table_hash(prompts), len(prompts)
+        if self.resumed_from is not None:
+            self._check_resume(self.resumed_from, self.vstar_hash, len(prompts))
         self.policy.train()
         self._sync_engine()  # covers weights restored from a checkpoint
         while self.step < self.cfg.steps:
@@ -233,7 +302,10 @@ class OnlineTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        state: dict = {"step": self.step}
+        position = self.data_position(self.n_prompts) if self.n_prompts else None
+        state: dict = {"step": self.step, "vstar_hash": self.vstar_hash, "data_position": position}
+        # each rank's own RNG streams (under DeepSpeed the ranks draw different numbers)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank:03d}.pt")
         if self.ds is not None:  # every rank writes its own optimizer / parameter shards
             self.ds.save_checkpoint(str(tmp / "ds"), tag="state")
         else:
@@ -244,7 +316,10 @@ class OnlineTrainer:
         if lead:
             self.tokenizer.save_pretrained(tmp / "model")
             torch.save(state, tmp / STATE_FILE)
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                "step": self.step, "data_position": position, "world_size": self.world_size,
+                "vstar_hash": self.vstar_hash, "vstar_hash_of": "sorted (prompt_id, vstar) pairs of the training prompts",
+                "train_config": self.cfg.model_dump(mode="json")}, indent=2))
             if before_publish:
                 before_publish(tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -259,31 +334,54 @@ class OnlineTrainer:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, vstar_hash: str | None = None) -> None:
+        """Restore model, optimizer (and DeepSpeed's scheduler/shards), step, RNG states and data
+        position from `path`. With `vstar_hash`, a checkpoint trained against another V* table
+        raises CheckpointMismatch before anything is loaded; train() checks it again against the
+        prompts it is given."""
         from safetensors.torch import load_file
 
         path = Path(path)
+        blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        resumed = {"path": str(path), "vstar_hash": blob.get("vstar_hash"), "data_position": blob.get("data_position")}
+        if vstar_hash is not None:
+            self._check_resume(resumed, vstar_hash, None)
         if self.ds is not None:  # model, optimizer and scheduler shards of every rank
             self.ds.load_checkpoint(str(path / "ds"), tag="state")
-            self.step = int(torch.load(path / STATE_FILE, weights_only=True)["step"])
-            return
-        state = {}
-        for shard in sorted((path / "model").glob("*.safetensors")):
-            state.update(load_file(shard))
-        if is_peft(self.policy):  # the checkpoint holds the adapter only; base weights never change
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.policy, state)
-            missing, unexpected = [m for m in result.missing_keys if "lora_" in m], result.unexpected_keys
         else:
-            missing, unexpected = self.policy.load_state_dict(state, strict=False)
-        # Tied embeddings are saved once; anything else missing is a real mismatch.
-        missing = [m for m in missing if not m.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        blob = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
+            state = {}
+            for shard in sorted((path / "model").glob("*.safetensors")):
+                state.update(load_file(shard))
+            if is_peft(self.policy):  # the checkpoint holds the adapter only; base weights never change
+                from peft import set_peft_model_state_dict
+
+                result = set_peft_model_state_dict(self.policy, state)
+                missing, unexpected = [m for m in result.missing_keys if "lora_" in m], result.unexpected_keys
+            else:
+                missing, unexpected = self.policy.load_state_dict(state, strict=False)
+            # Tied embeddings are saved once; anything else missing is a real mismatch.
+            missing = [m for m in missing if not m.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            self.optimizer.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)["optimizer"])
+        rng = path / f"rng_rank{self.rank:03d}.pt"
+        if rng.exists():  # absent in checkpoints written before RNG states were saved
+            set_rng_state(torch.load(rng, weights_only=True))
         self.step = int(blob["step"])
+        self.resumed_from = resumed
+        self.last_checkpoint = path
+
+    def _check_resume(self, resumed: dict, vstar_hash: str, n_prompts: int | None) -> None:
+        saved = resumed.get("vstar_hash")
+        if saved is not None and saved != vstar_hash:
+            raise CheckpointMismatch(
+                f"train_online: checkpoint {resumed['path']} trained against V* table {saved}, but this run's V* table is "
+                f"{vstar_hash}; refusing to resume (use a new run id, or delete the checkpoints to start over)")
+        position = resumed.get("data_position")
+        if n_prompts is not None and position and position["prompts"] != n_prompts:
+            raise CheckpointMismatch(
+                f"train_online: checkpoint {resumed['path']} was trained on {position['prompts']} prompts, this run has "
+                f"{n_prompts}; refusing to resume")
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import evaluate as evaluate_model
 
 from . import storage
+from .faults import failpoint
 from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .datasets import load_benchmark
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
@@ -39,6 +40,7 @@ def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str
             metrics.update({prefix + k: v for k, v in m.items()})
             extra = "".join(f", {k} {v:.3f}" for k, v in m.items() if "@" in k)
             print(f"[evaluate] {model_name} on {set_name}: greedy accuracy {m['accuracy']:.3f}{extra} ({len(rows)} problems)")
+        failpoint("evaluate.after_model")
     return pl.concat(frames, how="diagonal"), metrics
 
 

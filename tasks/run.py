@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from apo_core.config import ApoConfig
 
 from . import storage
+from .faults import failpoint
 from .stage import RunContext, StageResult
 from .tracking import Tracker, default_tracking_uri, ui_command
 
@@ -47,6 +48,7 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
         "summary_uri": storage.join(ctx.run_uri, "summary.json"),
         "config": ctx.config.model_dump(mode="json"),
     }
+    failpoint("run.before_summary")
     tracker = ctx.tracker()
     headline = {k: v for k, v in (("eval/reference_accuracy", summary["reference_accuracy"]),
                                   ("eval/trained_accuracy", summary["trained_accuracy"])) if v is not None}

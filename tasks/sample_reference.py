@@ -23,6 +23,7 @@ from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import sample_reference as sample
 
 from . import storage
+from .faults import failpoint
 from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
@@ -84,7 +85,9 @@ def sample_shards(cfg: ApoConfig, shards: Sequence[Sequence[PromptRecord]], part
         t0 = time.perf_counter()
         rows = sample(engine, shards[s], reward, n_samples=ref.n_samples, temperature=ref.temperature,
                       top_p=ref.top_p, max_new_tokens=ref.max_new_tokens, seed=ref.seed + s * ref.n_samples)
+        failpoint("sample_reference.mid_shard")
         storage.write_parquet(pl.DataFrame(rows), parts[s])
+        failpoint("sample_reference.after_shard")
         seconds, tokens = time.perf_counter() - t0, sum(r["n_tokens"] for r in rows)
         done["shards_sampled"] += 1
         done["seconds"] += seconds

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from apo_core.config import ApoConfig
 
 from . import storage
+from .faults import failpoint
 from .tracking import Tracker
 
 MARKER = "_COMPLETE.json"
@@ -162,6 +163,8 @@ def run_stage(
         metrics=metrics, outputs=outputs, mlflow_run_id=mlflow_run,
         manifest=storage.manifest(uri, skip=RESUME_STATE),
     )
+    failpoint(f"{stage}.before_marker")
     storage.write_json(result.model_dump(mode="json"), storage.join(uri, MARKER))
+    failpoint(f"{stage}.after_marker")
     print(f"[{stage}] done in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB")
     return result

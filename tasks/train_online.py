@@ -1,7 +1,9 @@
 """Stage `train_online`: A*-PO regression on the policy; checkpoints, step metrics, final model.
 
 Checkpoints are resumable: a re-run of the same run id continues from the newest checkpoint
-whose training config matches (train.steps may grow; changing anything else starts over).
+whose training config matches (train.steps may grow; changing anything else starts over). A
+checkpoint carries the step history and sample table so far, so a resumed stage publishes the
+same tables as an uninterrupted one; one trained against another V* table fails the stage.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from apo_core.rewards import get_reward, reward_stats
 from apo_core.config import ApoConfig
 from apo_core.distributed import gathered
 from apo_core.modeling import add_lora, reference_of
-from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints
+from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints, vstar_table_hash
 
 from . import storage
 from .common import engine_for, load_model, read_prompts, verifier_metrics
+from .faults import failpoint
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
@@ -55,8 +58,10 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
     for ckpt in reversed(list_checkpoints(ckpt_dir)):
         meta = ckpt / "resume.json"
         if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == resume_fp:
-            trainer.load_checkpoint(ckpt)
+            trainer.load_checkpoint(ckpt, vstar_hash=vstar_table_hash(prompts))  # another V* table: fails here
             history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
+            if (ckpt / "samples.parquet").exists():
+                samples = pl.read_parquet(ckpt / "samples.parquet").to_dicts()
             print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
             break
     lead = trainer.rank == 0
@@ -66,6 +71,7 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
         samples.extend(step_samples[:SAMPLES_PER_STEP])
         if log_metrics:
             log_metrics(metrics, step)
+        failpoint("train_online.after_step")
         if lead:
             print(f"[train_online] step {step}/{cfg.train.steps} reward {metrics['rollout/reward_mean']:.3f} "
                   f"loss {metrics['train/loss']:.4f} kl {metrics['train/kl']:.4f} "
@@ -73,11 +79,14 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
 
     def before_publish(tmp: Path) -> None:
         pl.DataFrame(history).write_parquet(tmp / "metrics.parquet")
+        pl.DataFrame(samples).write_parquet(tmp / "samples.parquet")
         (tmp / "resume.json").write_text(json.dumps({"fingerprint": resume_fp}))
+        failpoint("train_online.checkpoint_unpublished")
 
     def on_checkpoint(path: Path) -> None:
         if lead and checkpoints_uri:
             storage.put_dir(path, storage.join(checkpoints_uri, path.name))
+        failpoint("train_online.after_checkpoint")
 
     trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
     with gathered(model):  # full weights also under ZeRO-3 (collective: every rank enters)

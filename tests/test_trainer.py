@@ -170,3 +170,96 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tiny_model_dir, tmp_pat
     # step 5 skips its 2 updates (streak 2) and still checkpoints unchanged, finite weights; step 6's first update stops it
     with pytest.raises(FloatingPointError, match=r"3 updates in a row .* at rollout step 6; last good checkpoint: .*step_000005"):
         broken.train(PROMPTS, tmp_path / "b")
+
+
+class UnseededEngine(CountingEngine):
+    """Samples from the global torch generator (no per-step seed): a resume reproduces the run
+    only if the checkpoint restored the RNG state."""
+
+    def generate(self, prompts, **kwargs):
+        return super().generate(prompts, **{**kwargs, "seed": None})
+
+
+def _scramble_rngs():
+    import random
+
+    import numpy as np
+
+    random.seed(999), np.random.seed(999), torch.manual_seed(999)
+
+
+def test_checkpoint_holds_rng_states_data_position_and_vstar_hash(tiny_model_dir, tmp_path):
+    import json
+    import random
+
+    import numpy as np
+
+    from apo_core.trainer import vstar_table_hash
+
+    trainer = make_trainer(tiny_model_dir, steps=3, rollout_batch_size=4, minibatch_size=2, checkpoint_every=3)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    trainer.train(PROMPTS, tmp_path)  # the last checkpoint is written at the end, so the RNGs now are its RNGs
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    (ckpt,) = list_checkpoints(tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    # 3 steps of 4 over 8 prompts: the next step reads epoch 1 of the seeded order from index 4
+    assert state["data_position"] == {"step": 3, "epoch": 1, "next_prompt_index": 4, "prompts": 8}
+    assert state["vstar_hash"] == vstar_table_hash(PROMPTS) and state["train_config"]["steps"] == 3
+
+    _scramble_rngs()
+    resumed = make_trainer(tiny_model_dir, steps=3, rollout_batch_size=4, minibatch_size=2)
+    resumed.load_checkpoint(ckpt, vstar_hash=vstar_table_hash(PROMPTS))
+    assert random.getstate() == saved[0]
+    restored_np = np.random.get_state()
+    assert restored_np[0] == saved[1][0] and np.array_equal(restored_np[1], saved[1][1]) and restored_np[2:] == saved[1][2:]
+    assert torch.equal(torch.get_rng_state(), saved[2])
+    assert resumed.step == 3 and resumed.resumed_from["data_position"]["next_prompt_index"] == 4
+
+
+def test_killed_and_resumed_unseeded_run_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    def trainer(steps):
+        t = make_trainer(tiny_model_dir, steps=steps)
+        t.engine = UnseededEngine(t.policy, t.tokenizer, batch_size=8)
+        return t
+
+    torch.manual_seed(5)
+    straight = trainer(4)
+    losses = []
+    straight.train(PROMPTS, tmp_path / "a", on_step=lambda s, m, _: losses.append(m["train/loss"]))
+
+    torch.manual_seed(5)
+    first = trainer(2)
+    first.train(PROMPTS, tmp_path / "b")  # "killed" after its step-2 checkpoint
+    _scramble_rngs()  # a fresh process: other RNG states until the checkpoint restores them
+    resumed = trainer(4)
+    resumed.load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    resumed_losses = []
+    resumed.train(PROMPTS, tmp_path / "b", on_step=lambda s, m, _: resumed_losses.append(m["train/loss"]))
+    assert resumed_losses == pytest.approx(losses[2:], rel=1e-5, abs=1e-7)
+    for (k, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_resume_against_another_vstar_table_fails_before_training(tiny_model_dir, tmp_path):
+    from apo_core.trainer import CheckpointMismatch, vstar_table_hash
+
+    first = make_trainer(tiny_model_dir, steps=2)
+    first.train(PROMPTS, tmp_path)
+    ckpt = list_checkpoints(tmp_path)[-1]
+    other = [TrainPrompt(p.prompt_id, p.prompt, p.answer, p.vstar + 0.125) for p in PROMPTS]
+    ours, theirs = vstar_table_hash(PROMPTS), vstar_table_hash(other)
+    assert ours != theirs
+
+    resumed = make_trainer(tiny_model_dir, steps=4)
+    before = {k: v.clone() for k, v in resumed.policy.state_dict().items()}
+    with pytest.raises(CheckpointMismatch) as err:
+        resumed.load_checkpoint(ckpt, vstar_hash=theirs)
+    message = str(err.value)
+    assert "\n" not in message and ours in message and theirs in message and str(ckpt) in message
+    assert resumed.step == 0 and all(torch.equal(v, resumed.policy.state_dict()[k]) for k, v in before.items())
+
+    # loaded without the hash, train() still refuses other V* values before any rollout
+    resumed.load_checkpoint(ckpt)
+    with pytest.raises(CheckpointMismatch, match=f"{ours}.*{theirs}"):
+        resumed.train(other, tmp_path)
+    assert resumed.engine.calls == [] and resumed.step == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
