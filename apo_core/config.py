@@ -242,6 +242,17 @@ class TrackingConfig(_Section):
     """MLflow experiment name."""
 
 
+class RegistryConfig(_Section):
+    enabled: bool = False
+    """After evaluate, register the trained model (its folder in the artifact root, no second upload) as a new version of `model_name` in the MLflow model registry, with the parent run as its run."""
+    model_name: str = Field("apo", min_length=1)
+    """Registered model name the versions go to (one name per task/model family you promote between)."""
+    benchmark: str = "heldout"
+    """Score that decides the `champion` alias: greedy accuracy of the trained model on `heldout` (the run's own held-out split) or on one of eval.benchmarks (by name, e.g. math500)."""
+    min_improvement: float = Field(0.0, ge=0)
+    """The new version becomes `champion` only when its score exceeds the champion's by more than this (accuracy, 0.01 = one point); a tie never moves the alias. No champion yet: the new version becomes it."""
+
+
 STAGE_NAMES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
 
 
@@ -302,12 +313,21 @@ class ApoConfig(_Section):
     vstar: VstarConfig = Field(default_factory=VstarConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """MLflow model registry: register the trained model after evaluate and move the `champion` alias only when it wins."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _run_id_ok(self) -> "ApoConfig":
         if self.run_id is not None and not _RUN_ID.match(self.run_id):
             raise ValueError(f"run_id {self.run_id!r} must match {_RUN_ID.pattern}")
+        return self
+
+    @model_validator(mode="after")
+    def _registry_benchmark_ok(self) -> "ApoConfig":
+        names = ["heldout", *(entry.split("=", 1)[0] for entry in self.eval.benchmarks)]
+        if self.registry.benchmark not in names:
+            raise ValueError(f"registry.benchmark {self.registry.benchmark!r} is not evaluated; valid: {', '.join(names)} (add it to eval.benchmarks)")
         return self
 
     @property

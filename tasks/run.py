@@ -11,6 +11,7 @@ from apo_core.config import ApoConfig
 
 from . import storage
 from .faults import failpoint
+from .register import registry_record
 from .stage import RunContext, StageResult
 from .tracking import Tracker, default_tracking_uri, ui_command
 
@@ -45,6 +46,7 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
         "mlflow_run_id": ctx.parent_run_id,
         "mlflow_stage_runs": {r.stage: r.mlflow_run_id for r in results},
         "mlflow_ui": ui_command(ctx.tracking_uri),
+        "registry": registry_record(ctx, by_stage.get("evaluate")),  # tasks/register.py's decision, None when off
         "summary_uri": storage.join(ctx.run_uri, "summary.json"),
         "config": ctx.config.model_dump(mode="json"),
     }

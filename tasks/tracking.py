@@ -127,3 +127,45 @@ class Tracker:
 
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    # --- model registry (same client, so the registry lives where the runs do) ---
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def model_versions(self, model_name: str, run_id: str) -> list:
+        """Versions of `model_name` registered from MLflow run `run_id`, newest first."""
+        found = self.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+    def register_version(self, model_name: str, source: str, run_id: str, tags: dict[str, Any]):
+        """A new version of `model_name` pointing at `source` (no copy of the files is made);
+        the registered model is created on first use."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return self.client.create_model_version(model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+
+    def version_by_alias(self, model_name: str, alias: str):
+        """The version holding `alias`, or None when no version does (or the model is not registered yet)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(model_name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(model_name, alias, version)
+
+    def set_version_tags(self, model_name: str, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(model_name, version, key, str(value))

@@ -1,0 +1,147 @@
+"""After evaluate: register the trained model in the MLflow model registry and move the
+`champion` alias to it only when it beats the current champion on the configured benchmark.
+
+Each version carries its scores as tags (`apo.score.<benchmark>`), so the comparison reads the
+champion's score instead of re-evaluating it. The version's source is the trained model's folder
+in the artifact root: the weights are not uploaded a second time.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from . import storage
+from .stage import RunContext, StageResult
+
+CHAMPION = "champion"
+REGISTRY_FILE = "registry.json"  # beside summary.json: the decision of this run, read by finish_run
+SCORE_TAG = "apo.score."  # + benchmark name; one tag per benchmark the version was evaluated on
+DECISION_TAG = "apo.registry.decision"
+
+
+def benchmark_scores(metrics: dict[str, float]) -> dict[str, float]:
+    """Greedy accuracy of the trained model per benchmark, from evaluate's metrics:
+    eval/trained_accuracy is the run's held-out split, eval/trained_<name>_accuracy a benchmark.
+
+    >>> benchmark_scores({"eval/trained_accuracy": 0.5, "eval/trained_math500_accuracy": 0.25, "eval/reference_accuracy": 0.1})
+    {'heldout': 0.5, 'math500': 0.25}
+    """
+    scores = {}
+    for key, value in metrics.items():
+        if key == "eval/trained_accuracy":
+            scores["heldout"] = float(value)
+        elif key.startswith("eval/trained_") and key.endswith("_accuracy"):
+            scores[key.removeprefix("eval/trained_").removesuffix("_accuracy")] = float(value)
+    return scores
+
+
+def decide(score: float, champion_score: float | None, min_improvement: float) -> str:
+    """`first` (no champion: the new version becomes it), `promoted` (it beats the champion by
+    more than min_improvement) or `kept` (a tie or worse leaves the alias where it was).
+
+    >>> decide(0.5, None, 0.0), decide(0.6, 0.5, 0.0), decide(0.5, 0.5, 0.0), decide(0.55, 0.5, 0.1)
+    ('first', 'promoted', 'kept', 'kept')
+    """
+    if champion_score is None:
+        return "first"
+    return "promoted" if score - champion_score > min_improvement else "kept"
+
+
+def source_uri(model_uri: str) -> str:
+    """Where the registry points: an absolute file:// URI for a local folder, the URI itself otherwise."""
+    return storage.local_path(model_uri).as_uri() if storage.is_local(model_uri) else model_uri
+
+
+def registry_record(ctx: RunContext, evaluated: StageResult | None) -> dict | None:
+    """The registry decision this run recorded for the model that `evaluated` scored, or None
+    (registry off, or a record left from an earlier model of this run id)."""
+    uri = storage.join(ctx.run_uri, REGISTRY_FILE)
+    if evaluated is None or not storage.exists(uri):
+        return None
+    record = storage.read_json(uri)
+    return record if record.get("evaluate_fingerprint") == evaluated.fingerprint else None
+
+
+@task(name="register_model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult) -> dict | None:
+    """Register the trained model as a new version of registry.model_name (run = the parent run)
+    and give it `champion` when it wins; record the decision and both scores on the parent run,
+    on the version and in registry.json. Re-running the same run id reuses its version."""
+    cfg = ctx.config.registry
+    if not cfg.enabled:
+        return None
+    scores = benchmark_scores(evaluated.metrics)
+    if cfg.benchmark not in scores:
+        raise ValueError(f"registry.benchmark {cfg.benchmark!r}: evaluate recorded no trained accuracy for it "
+                         f"(has: {', '.join(sorted(scores)) or 'none'})")
+    score = scores[cfg.benchmark]
+    tracker = ctx.tracker()
+    name = cfg.model_name
+
+    reused = [v for v in tracker.model_versions(name, ctx.parent_run_id)
+              if v.tags.get("apo.evaluate_fingerprint") == evaluated.fingerprint]
+    if reused:
+        version = reused[0]
+    else:
+        version = tracker.register_version(name, source_uri(trained.outputs["model"]), ctx.parent_run_id, {
+            "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
+            **{SCORE_TAG + bench: value for bench, value in scores.items()},
+        })
+
+    number = str(version.version)  # the SQL store answers ints, the REST API strings
+    record_uri = storage.join(ctx.run_uri, REGISTRY_FILE)
+    if reused and DECISION_TAG in version.tags and storage.exists(record_uri):  # decided by an earlier attempt
+        record = storage.read_json(record_uri)
+        if record.get("version") == number:
+            print(f"[register] {name} version {number} was registered by this run already ({record['decision']})")
+            return record
+
+    champion = tracker.version_by_alias(name, CHAMPION)
+    if champion is not None and str(champion.version) == number:
+        # an earlier attempt of this run moved the alias, then stopped before recording why
+        champion_version, champion_score, decision = None, None, "promoted"
+    else:
+        champion_version = str(champion.version) if champion is not None else None
+        champion_score = _champion_score(champion, cfg.benchmark)
+        if champion is not None and champion_score is None:
+            decision = "kept"  # a champion without a score on this benchmark cannot be beaten fairly
+        else:
+            decision = decide(score, champion_score, cfg.min_improvement)
+    if decision in ("first", "promoted"):
+        tracker.set_alias(name, CHAMPION, number)
+    is_champion = decision in ("first", "promoted")
+    record = {
+        "model_name": name, "version": number, "source": version.source, "benchmark": cfg.benchmark,
+        "score": score, "champion_score": champion_score, "previous_champion_version": champion_version,
+        "min_improvement": cfg.min_improvement, "decision": decision, "champion": is_champion,
+        "champion_version": number if is_champion else champion_version,
+        "evaluate_fingerprint": evaluated.fingerprint,
+    }
+    tracker.set_version_tags(name, number, {DECISION_TAG: decision})
+    tracker.set_tags(ctx.parent_run_id, {
+        "apo.registry.model_name": name, "apo.registry.version": number, "apo.registry.decision": decision,
+        "apo.registry.benchmark": cfg.benchmark, "apo.registry.champion_version": record["champion_version"],
+        "apo.registry.previous_champion_version": champion_version or "none",
+    })
+    metrics = {"registry/score": score, "registry/version": float(number), "registry/promoted": float(is_champion)}
+    if champion_score is not None:
+        metrics["registry/champion_score"] = champion_score
+    tracker.log_metrics(ctx.parent_run_id, metrics)
+    storage.write_json(record, record_uri)
+    against = f"champion v{champion_version} {champion_score}" if champion_version else "no champion yet"
+    print(f"[register] {name} version {number}: {cfg.benchmark} {score:.4f} vs {against} -> {decision}"
+          f" (champion: v{record['champion_version']})")
+    return record
+
+
+def _champion_score(champion, benchmark: str) -> float | None:
+    """The champion's recorded score on `benchmark`; None when there is no champion or it has
+    no score there."""
+    if champion is None:
+        return None
+    raw = champion.tags.get(SCORE_TAG + benchmark)
+    if raw is None:
+        print(f"[register] champion version {champion.version} has no {SCORE_TAG + benchmark} tag; it stays champion")
+        return None
+    return float(raw)
