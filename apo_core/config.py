@@ -324,10 +324,14 @@ class ApoConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _registry_benchmark_ok(self) -> "ApoConfig":
+    def _registry_ok(self) -> "ApoConfig":
         names = ["heldout", *(entry.split("=", 1)[0] for entry in self.eval.benchmarks)]
         if self.registry.benchmark not in names:
             raise ValueError(f"registry.benchmark {self.registry.benchmark!r} is not evaluated; valid: {', '.join(names)} (add it to eval.benchmarks)")
+        remote_tracking = (self.tracking.mlflow_tracking_uri or "").startswith(("http://", "https://"))
+        if self.registry.enabled and remote_tracking and ("://" not in self.artifact_root or self.artifact_root.startswith("file://")):
+            # an MLflow server refuses model versions whose source is a path on the client's disk
+            raise ValueError("registry.enabled with an MLflow server needs an artifact_root the server accepts as a model source (s3://..., gs://...), not a local folder")
         return self
 
     @property

@@ -123,6 +123,12 @@ def test_a_benchmark_that_is_not_evaluated_fails_at_load():
         load_config(overrides=["registry.enabled=true", "registry.benchmark=math500"])
 
 
+def test_a_local_model_source_with_a_tracking_server_fails_at_load():
+    with pytest.raises(ConfigError, match=r"registry.enabled with an MLflow server needs an artifact_root .*s3://"):
+        load_config(overrides=["registry.enabled=true", "tracking.mlflow_tracking_uri=http://127.0.0.1:5000", "artifact_root=/data/apo"])
+    load_config(overrides=["registry.enabled=true", "tracking.mlflow_tracking_uri=http://127.0.0.1:5000", "artifact_root=s3://b/apo"])
+
+
 def test_rerunning_a_run_reuses_its_version(store):
     root, uri = store
     ctx, trained, evaluated = fabricated_run(root, uri, "r1", {"heldout": 0.5})
