@@ -51,8 +51,8 @@ def _plain(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def submit(ctx: RunContext, stage: str, deployment: str, name: str, **parameters: Any) -> FlowRun:
-    """A flow run of `deployment`, linked to the current flow run as its subflow; returns at once."""
+def submit(ctx: RunContext, stage: str, deployment: str, name: str, parameters: dict[str, Any]) -> FlowRun:
+    """A flow run of `deployment` with `parameters`, linked to the current flow run as its subflow; returns at once."""
     run = run_deployment(deployment, parameters={k: _plain(v) for k, v in parameters.items()}, timeout=0,
                          flow_run_name=name, tags=["apo", f"apo.stage:{stage}", f"apo.run_id:{ctx.config.run_id}"])
     print(f"[apo] {name}: submitted to {deployment} as flow run {run.id}")
@@ -99,7 +99,7 @@ class OnWorkPools:
 
     def _stage(self, ctx: RunContext, stage: str, **upstream: StageResult) -> StageResult:
         orch = ctx.config.orchestration
-        run = submit(ctx, stage, getattr(orch.deployments, stage), f"{ctx.config.run_id}-{stage}", ctx=ctx, **upstream)
+        run = submit(ctx, stage, getattr(orch.deployments, stage), f"{ctx.config.run_id}-{stage}", {"ctx": ctx, **upstream})
         done = wait(stage, {stage: run}, orch.stage_timeout_s, orch.poll_s)[stage]
         uri = handoff_uri(ctx, done.id)
         if not storage.exists(uri):
@@ -118,7 +118,7 @@ class OnWorkPools:
                 label = f"shard {g + 1}/{len(groups)} (shards {ids[0]}-{ids[-1]})"
                 runs[label] = submit(ctx, "sample_reference", orch.deployments.sample_reference,
                                      f"{ctx.config.run_id}-sample_reference-{g + 1}of{len(groups)}",
-                                     ctx=ctx, prep=prep, shard_ids=ids, mlflow_run_id=io.mlflow_run_id)
+                                     {"ctx": ctx, "prep": prep, "shard_ids": ids, "mlflow_run_id": io.mlflow_run_id})
             wait("sample_reference", runs, orch.stage_timeout_s, orch.poll_s)
 
         # The stage itself (its MLflow run, assembling samples.parquet, the marker) runs here, around the shard runs.
