@@ -1,0 +1,228 @@
+"""SIGKILL of a real `apo run` process at fail points spread over every stage (tasks/faults.py),
+then a resume of the same run id: it must reuse what was complete, redo only the rest, and end
+with the same tables, accuracies and final weights as one uninterrupted run.
+
+The uninterrupted run happens once per module; every kill runs in its own artifact root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apo_core.config import load_config
+from tasks.stage import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_ID = "killed"
+# The shipped model (rewards and accuracies are not all zero), 3 stage-1 shards of 10 prompts,
+# checkpoints at steps 2 and 4 of 5; one thread so every process computes bit for bit the same.
+SIZES = {
+    "model.path": "embedded", "model.num_threads": 1, "data.train_size": 24, "data.test_size": 16,
+    "reference.n_samples": 2, "reference.shard_size": 10, "reference.max_new_tokens": 40,
+    "train.max_new_tokens": 40, "eval.max_new_tokens": 40, "train.steps": 5, "train.rollout_batch_size": 8,
+    "train.minibatch_size": 4, "train.lr": 1e-3, "train.checkpoint_every": 2, "generation.batch_size": 64,
+}
+TABLES = {
+    "preprocess": "prompts.parquet",
+    "sample_reference": "samples.parquet",
+    "aggregate_vstar": "vstar.parquet",
+    "train_online": "samples.parquet",
+    "evaluate": "results.parquet",
+}
+
+
+def overrides(root: Path) -> dict:
+    return {"run_id": RUN_ID, "artifact_root": str(root), **SIZES}
+
+
+def run_in_process(root: Path) -> dict:
+    """The flow in this process (under the session's Prefect API), torch threads restored after."""
+    from flows.apo import apo
+
+    threads = torch.get_num_threads()
+    try:
+        return apo(config=load_config(overrides=[f"{k}={v}" for k, v in overrides(root).items()]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_killed(root: Path, point: str) -> str:
+    """`apo run` in its own process with one fail point armed; it must die of SIGKILL there."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "APO_FAILPOINTS": point, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    args = [str(Path(sys.executable).parent / "apo"), "run"]
+    for key, value in overrides(root).items():
+        args += ["--set", f"{key}={value}"]
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == -signal.SIGKILL, f"exit {done.returncode}, not SIGKILL:\n{log[-3000:]}"
+    assert f"fail point {point.split(':')[0]}" in log, log[-3000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_api, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    summary = run_in_process(root)
+    assert summary["stages_recomputed"] == list(STAGES)
+    return root / RUN_ID, summary
+
+
+def assert_same_results(run: Path, summary: dict, uninterrupted) -> None:
+    base, base_summary = uninterrupted
+    assert (summary["reference_accuracy"], summary["trained_accuracy"]) == (
+        base_summary["reference_accuracy"], base_summary["trained_accuracy"])
+    for stage, name in TABLES.items():
+        ours, theirs = pl.read_parquet(run / stage / name), pl.read_parquet(base / stage / name)
+        assert ours.equals(theirs), f"{stage}/{name} differs from the uninterrupted run"
+    ours, theirs = (pl.read_parquet(p / "train_online" / "metrics.parquet") for p in (run, base))
+    steady = [c for c in theirs.columns if not c.startswith("time/")]
+    assert ours["step"].to_list() == list(range(1, SIZES["train.steps"] + 1))
+    for column in steady:
+        assert ours[column].to_list() == pytest.approx(theirs[column].to_list(), rel=1e-5, abs=1e-7), column
+    ours, theirs = (load_file(p / "train_online" / "model" / "model.safetensors") for p in (run, base))
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.allclose(ours[key], value, atol=1e-6, rtol=1e-5), key
+
+
+def trained_steps(summary: dict) -> list[int]:
+    """Rollout steps the resumed train_online stage logged to MLflow (the steps it trained)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    return [m.step for m in client.get_metric_history(summary["mlflow_stage_runs"]["train_online"], "train/loss")]
+
+
+def statuses(summary: dict) -> str:
+    ran = [s for s in STAGES if summary["stage_status"][s] == "ran"]
+    skipped = [s for s in STAGES if summary["stage_status"][s] == "skipped"]
+    return f"reused {', '.join(skipped) or 'nothing'}; recomputed {', '.join(ran) or 'nothing'}"
+
+
+def expect(summary: dict, skipped: int) -> None:
+    """The first `skipped` stages were complete before the kill: reused, not recomputed."""
+    assert [summary["stage_status"][s] for s in STAGES] == ["skipped"] * skipped + ["ran"] * (len(STAGES) - skipped)
+
+
+SAME = "tables, accuracies and final weights equal to the uninterrupted run"
+
+
+def test_kill_in_preprocess_before_its_marker(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "preprocess.before_marker")
+    stage = tmp_path / RUN_ID / "preprocess"
+    assert (stage / "prompts.parquet").exists() and not (stage / "_COMPLETE.json").exists()
+    summary = run_in_process(tmp_path)
+    expect(summary, 0)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in preprocess: prompts.parquet written, stage marker not yet",
+                 f"the unmarked output was not trusted: {statuses(summary)}; {SAME}")
+
+
+def test_kill_mid_shard_in_sample_reference(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "sample_reference.mid_shard:2")
+    parts = sorted(p.name for p in (tmp_path / RUN_ID / "sample_reference").glob("shards/*/part-*.parquet"))
+    assert parts == ["part-00000.parquet"]  # shard 2 was drawn but never written; no partial part
+    summary = run_in_process(tmp_path)
+    expect(summary, 1)
+    assert summary["metrics"]["reference/shards_reused"] == 1.0 and summary["metrics"]["reference/shards"] == 3.0
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in sample_reference mid-shard 2 of 3 (samples drawn and scored, part not written)",
+                 f"resume reused shard 1 and redid shards 2-3; {statuses(summary)}; {SAME}")
+
+
+def test_kill_between_shards_in_sample_reference(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "sample_reference.after_shard:2")
+    stage = tmp_path / RUN_ID / "sample_reference"
+    parts = sorted(stage.glob("shards/*/part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    summary = run_in_process(tmp_path)
+    expect(summary, 1)
+    assert summary["metrics"]["reference/shards_reused"] == 2.0
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes  # finished shards not rewritten
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in sample_reference between shards 2 and 3",
+                 f"resume reused shards 1-2 untouched and sampled shard 3 only; {statuses(summary)}; {SAME}")
+
+
+def test_kill_in_aggregate_vstar_before_its_marker(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "aggregate_vstar.before_marker")
+    assert not (tmp_path / RUN_ID / "aggregate_vstar" / "_COMPLETE.json").exists()
+    summary = run_in_process(tmp_path)
+    expect(summary, 2)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in aggregate_vstar: vstar.parquet written, stage marker not yet",
+                 f"{statuses(summary)}; {SAME}")
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "train_online" / "checkpoints").iterdir())
+
+
+def test_kill_in_train_online_between_checkpoints(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "train_online.after_step:3")  # step 3 trained; checkpoints at 2 and 4
+    assert checkpoints(tmp_path / RUN_ID) == ["step_000002"]
+    summary = run_in_process(tmp_path)
+    expect(summary, 3)
+    assert trained_steps(summary) == [3, 4, 5]  # step 3's lost update redone from the step-2 checkpoint
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in train_online after rollout step 3, between the checkpoints of steps 2 and 4",
+                 f"resumed from step_000002 (model, optimizer, RNG states, data position, V* hash) and trained steps 3-5; "
+                 f"{statuses(summary)}; {SAME}")
+
+
+def test_kill_right_after_a_checkpoint_write(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "train_online.after_checkpoint:2")  # the step-4 checkpoint just published
+    assert checkpoints(tmp_path / RUN_ID) == ["step_000002", "step_000004"]
+    summary = run_in_process(tmp_path)
+    expect(summary, 3)
+    assert trained_steps(summary) == [5]
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in train_online right after the step-4 checkpoint was published",
+                 f"resumed from step_000004 and trained step 5 only; {statuses(summary)}; {SAME}")
+
+
+def test_kill_while_a_checkpoint_is_being_written(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "train_online.checkpoint_unpublished:2")  # step 4's checkpoint under its temporary name
+    assert checkpoints(tmp_path / RUN_ID) == [".tmp_step_000004", "step_000002"]
+    summary = run_in_process(tmp_path)
+    expect(summary, 3)
+    assert trained_steps(summary) == [3, 4, 5]  # the half-written checkpoint was never taken for a complete one
+    assert checkpoints(tmp_path / RUN_ID) == ["step_000004", "step_000005"]
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in train_online while the step-4 checkpoint was being written (not yet renamed)",
+                 f"the partial checkpoint was ignored and replaced; resumed from step_000002, trained steps 3-5; "
+                 f"{statuses(summary)}; {SAME}")
+
+
+def test_kill_between_train_online_and_evaluate(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "train_online.after_marker")
+    assert not (tmp_path / RUN_ID / "evaluate").exists()
+    summary = run_in_process(tmp_path)
+    expect(summary, 4)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL between stages: train_online's marker written, evaluate not started",
+                 f"{statuses(summary)}; {SAME}")
+
+
+def test_kill_during_evaluate(uninterrupted, tmp_path, record_fault):
+    log = run_killed(tmp_path, "evaluate.after_model:1")  # the reference evaluated, the trained model not yet
+    assert "reference on heldout" in log and "trained on heldout" not in log
+    summary = run_in_process(tmp_path)
+    expect(summary, 4)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL during evaluate, after the reference model and before the trained one",
+                 f"{statuses(summary)}; {SAME}")
+
