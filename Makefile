@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/apo run
+	# auto: per stage, the engine bench/engines.py measured fastest here (apo_core/assets/engine_choice.json).
+	$(BIN)/apo run --set generation.engine=auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

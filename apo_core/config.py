@@ -74,7 +74,7 @@ class ModelConfig(_Section):
 
 class GenerationConfig(_Section):
     engine: Literal["auto", "vllm", "transformers"] = "transformers"
-    """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: vllm when the model is on CUDA and vLLM imports, else transformers."""
+    """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: on CUDA vllm when it imports; on CPU, per stage, the engine bench/engines.py measured fastest (apo_core/assets/engine_choice.json, written by its --record-choice), else transformers. `make run` uses auto."""
     stage_engines: dict[Literal["sample_reference", "train_online", "evaluate"], Literal["auto", "vllm", "transformers"]] = Field(default_factory=dict)
     """Per-stage override of `engine`, e.g. {sample_reference: vllm} (`hf` is an alias)."""
     batch_size: int = Field(512, ge=1)

@@ -409,15 +409,33 @@ EngineFactory = Callable[..., GenerationEngine]
 ENGINES: dict[str, EngineFactory] = {"transformers": TransformersEngine, "vllm": VLLMEngine}
 
 
-def resolve_engine_name(name: str, device: torch.device | str) -> str:
-    """`auto` -> vllm when the model is on CUDA and vLLM imports, else transformers (on CPU
-    transformers until a benchmark says otherwise); `hf` -> transformers; others unchanged."""
+# Which engine `auto` takes per stage on CPU: written by bench/engines.py (`--record-choice`) from
+# its measurements of apo's own paths on the embedded default, with the run it came from.
+ENGINE_CHOICE = Path(__file__).parent / "assets" / "engine_choice.json"
+
+
+def measured_choice(stage: str | None, device_type: str = "cpu") -> str | None:
+    """The engine bench/engines.py measured fastest for `stage` on `device_type`, if recorded."""
+    try:
+        table = json.loads(ENGINE_CHOICE.read_text())
+    except (OSError, ValueError):
+        return None
+    choice = table.get(device_type, {}).get(stage or "")
+    return choice if choice in ENGINES else None
+
+
+def resolve_engine_name(name: str, device: torch.device | str, stage: str | None = None) -> str:
+    """`auto` -> on CUDA, vllm when it imports; on CPU, the engine bench/engines.py measured
+    fastest for `stage` (assets/engine_choice.json), else transformers. `hf` -> transformers."""
     if name == "hf":
         return "transformers"
     if name != "auto":
         return name
-    on_cuda = torch.device(device).type == "cuda"
-    return "vllm" if on_cuda and importlib.util.find_spec("vllm") is not None else "transformers"
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if torch.device(device).type == "cuda":
+        return "vllm" if has_vllm else "transformers"
+    choice = measured_choice(stage)
+    return choice if choice and (choice != "vllm" or has_vllm) else "transformers"
 
 
 def make_engine(name: str, model, tokenizer, **kwargs) -> GenerationEngine:

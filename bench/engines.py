@@ -332,6 +332,7 @@ def summarize(m: dict) -> dict:
     rss = {v: r["peak_rss_mb"] for v, r in m["stage3"].items()}
     ratios["stage2_lora_over_full_peak_rss"] = rss["lora"] / rss["full"]
     fp32 = by_dtype["fp32"]
+    apo_engine_fp32 = fp32["apo_engine"]
     return {
         "stage1_tokens_per_s": {k: fp32[k] for k in ("vllm", "hf", "apo", "apo_engine", "apo_by_engine")},
         "stage1_tokens_per_s_by_dtype": by_dtype,
@@ -343,6 +344,11 @@ def summarize(m: dict) -> dict:
                     "stage2_lora_over_full_peak_rss <= 0.6": ratios["stage2_lora_over_full_peak_rss"] <= 0.6},
         "fastest_engine_stage1": max(("vllm", "hf"), key=fp32.get),
         "fastest_engine_stage2": min(step, key=step.get),
+        # What `generation.engine: auto` takes per stage on CPU (--record-choice writes it to
+        # apo_core/assets/engine_choice.json): apo's own fastest stage-1 path (evaluate generates
+        # the same way, one sample per prompt) and the fastest stage-2 step.
+        "engine_choice": {"cpu": {"sample_reference": ENGINES[apo_engine_fp32], "evaluate": ENGINES[apo_engine_fp32],
+                                  "train_online": ENGINES[min(step, key=step.get)]}},
     }
 
 
@@ -382,6 +388,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the mechanics in under a minute")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/engines[-quick].json)")
+    parser.add_argument("--record-choice", action="store_true",
+                        help="write the fastest engine per stage to apo_core/assets/engine_choice.json (what `auto` takes on CPU)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -407,7 +415,7 @@ def main() -> None:
         "machine": machine(args.threads),
         "settings": {**sizes, "lora": LORA, "bf16": "bf16 weights: model loaded in bfloat16 (hf, apo) / vLLM dtype bfloat16",
                      "apo_engines": "tasks.common.engine_for with the default generation config (vllm: 1 GiB KV cache, "
-                                    "default max_num_seqs; transformers: batch_size 512 rows, autocast off on this CPU)"},
+                                    "max_num_seqs 1024 on CPU; transformers: batch_size 512 rows, autocast off on this CPU)"},
     }
     if args.quick:
         m = measure(sizes, args.threads, None)
@@ -421,6 +429,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    if args.record_choice:
+        from apo_core.engines import ENGINE_CHOICE
+
+        choice = {**result["engine_choice"], "measured_by": {k: result[k] for k in ("command", "date", "git_commit")}
+                  | {"cpu": result["machine"]["cpu"], "threads": args.threads}}
+        ENGINE_CHOICE.write_text(json.dumps(choice, indent=2) + "\n")
+        print(f"wrote {ENGINE_CHOICE.relative_to(ROOT)}: {result['engine_choice']['cpu']}")
 
 
 if __name__ == "__main__":

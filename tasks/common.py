@@ -44,7 +44,7 @@ def load_model(cfg: ApoConfig, path: str | None = None):
 def engine_for(cfg: ApoConfig, stage: str, model, tokenizer):
     """The generation engine configured for `stage` (`auto` resolved for the model's device) over `model`."""
     gen = cfg.generation
-    name = resolve_engine_name(gen.engine_for_stage(stage), next(model.parameters()).device)
+    name = resolve_engine_name(gen.engine_for_stage(stage), next(model.parameters()).device, stage)
     if name == "vllm":
         kwargs = dict(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
                       enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb,

@@ -185,13 +185,28 @@ def test_pipeline_end_to_end_through_vllm(prefect_api, tmp_path):
     assert 0.0 <= summary["reference_accuracy"] <= 1.0 and 0.0 <= summary["trained_accuracy"] <= 1.0
 
 
-def test_engine_choice_and_lazy_import():
+def test_engine_choice_and_lazy_import(tmp_path, monkeypatch):
+    import json
     import subprocess
     import sys
 
-    from apo_core.engines import resolve_engine_name
+    from apo_core import engines
+    from apo_core.engines import ENGINE_CHOICE, resolve_engine_name
 
-    assert resolve_engine_name("auto", "cpu") == "transformers"  # on CPU until a benchmark says otherwise
+    # auto on CPU: per stage, what bench/engines.py --record-choice measured (the shipped file).
+    shipped = json.loads(ENGINE_CHOICE.read_text())["cpu"]
+    assert set(shipped) == {"sample_reference", "train_online", "evaluate"}
+    for stage, engine in shipped.items():
+        assert resolve_engine_name("auto", "cpu", stage) == engine
+    choice = tmp_path / "choice.json"
+    choice.write_text(json.dumps({"cpu": {"sample_reference": "vllm", "train_online": "transformers", "evaluate": "tgi"}}))
+    monkeypatch.setattr(engines, "ENGINE_CHOICE", choice)
+    assert resolve_engine_name("auto", "cpu", "sample_reference") == "vllm"
+    assert resolve_engine_name("auto", "cpu", "train_online") == "transformers"
+    assert resolve_engine_name("auto", "cpu", "evaluate") == "transformers"  # unknown engine recorded: fallback
+    assert resolve_engine_name("auto", "cpu") == "transformers"  # no stage: fallback
+    monkeypatch.setattr(engines, "ENGINE_CHOICE", tmp_path / "missing.json")
+    assert resolve_engine_name("auto", "cpu", "sample_reference") == "transformers"  # nothing measured
     assert resolve_engine_name("auto", "cuda") == "vllm"  # vllm is importable here
     assert resolve_engine_name("hf", "cuda") == "transformers"
     with pytest.raises(ValueError, match="unknown generation engine 'sglang'; valid: auto, transformers, vllm"):
