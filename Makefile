@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
+# generation.engine=auto: per stage, the engine bench/engines.py measured fastest here (apo_core/assets/engine_choice.json).
 run: $(STAMP)
-	# auto: per stage, the engine bench/engines.py measured fastest here (apo_core/assets/engine_choice.json).
 	$(BIN)/apo run --set generation.engine=auto
 
 test: $(STAMP)
