@@ -125,7 +125,8 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     home = tmp_path_factory.mktemp("mlflow-server")
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    # no job runner: it only serves MLflow's GenAI jobs and would add a dozen worker processes
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     log = open(home / "server.log", "wb")
     server = subprocess.Popen(
