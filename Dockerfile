@@ -25,10 +25,13 @@ ARG FLASH_ATTN_VERSION=""
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# Python 3.11 from the deadsnakes PPA (Ubuntu 22.04's own python3.11 is a release candidate);
 # tini as PID 1: forwards the SIGTERM of a pod eviction to Prefect and reaps torchrun's ranks.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv tini ca-certificates \
+        software-properties-common gpg-agent ca-certificates tini \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 python3.11-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # DL3064 matches TOKEN in TOKENIZERS_PARALLELISM, a switch that silences tokenizers' fork warning, not a secret.
