@@ -219,7 +219,8 @@ class OnlineTrainer:
                 self.nonfinite_streak = 0
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
-        if self.world_size > 1:  # metrics of the whole minibatch, not of this rank's share
+        # metrics of the whole minibatch, not of this rank's share (none if every rank skipped every update)
+        if self.world_size > 1 and sums:
             keys = sorted(sums)
             flat = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
             torch.distributed.all_reduce(flat)
@@ -342,7 +343,10 @@ class OnlineTrainer:
         from safetensors.torch import load_file
 
         path = Path(path)
+        # Every file is read before anything is restored: an unreadable checkpoint changes nothing.
         blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        rng_file = path / f"rng_rank{self.rank:03d}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None  # absent before RNG states were saved
         resumed = {"path": str(path), "vstar_hash": blob.get("vstar_hash"), "data_position": blob.get("data_position")}
         if vstar_hash is not None:
             self._check_resume(resumed, vstar_hash, None)
@@ -352,6 +356,7 @@ class OnlineTrainer:
             state = {}
             for shard in sorted((path / "model").glob("*.safetensors")):
                 state.update(load_file(shard))
+            optimizer = blob["optimizer"]
             if is_peft(self.policy):  # the checkpoint holds the adapter only; base weights never change
                 from peft import set_peft_model_state_dict
 
@@ -363,10 +368,9 @@ class OnlineTrainer:
             missing = [m for m in missing if not m.endswith("lm_head.weight")]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            self.optimizer.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)["optimizer"])
-        rng = path / f"rng_rank{self.rank:03d}.pt"
-        if rng.exists():  # absent in checkpoints written before RNG states were saved
-            set_rng_state(torch.load(rng, weights_only=True))
+            self.optimizer.load_state_dict(optimizer)  # load_state_dict moves the states to the parameters' device
+        if rng is not None:
+            set_rng_state(rng)
         self.step = int(blob["step"])
         self.resumed_from = resumed
         self.last_checkpoint = path

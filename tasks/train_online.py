@@ -23,7 +23,7 @@ from apo_core.rewards import get_reward, reward_stats
 from apo_core.config import ApoConfig
 from apo_core.distributed import gathered
 from apo_core.modeling import add_lora, reference_of
-from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints, vstar_table_hash
+from apo_core.trainer import CheckpointMismatch, OnlineTrainer, TrainPrompt, list_checkpoints, vstar_table_hash
 
 from . import storage
 from .common import engine_for, load_model, read_prompts, verifier_metrics
@@ -55,15 +55,25 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
                             get_reward(cfg.reward_name), cfg.train)
     history: list[dict] = []
     samples: list[dict] = []
+    unreadable: list[str] = []
     for ckpt in reversed(list_checkpoints(ckpt_dir)):
         meta = ckpt / "resume.json"
         if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == resume_fp:
-            trainer.load_checkpoint(ckpt, vstar_hash=vstar_table_hash(prompts))  # another V* table: fails here
-            history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
-            if (ckpt / "samples.parquet").exists():
-                samples = pl.read_parquet(ckpt / "samples.parquet").to_dicts()
+            try:  # every file is read before anything is restored, so a damaged checkpoint changes nothing
+                ckpt_history = pl.read_parquet(ckpt / "metrics.parquet").to_dicts()
+                ckpt_samples = pl.read_parquet(ckpt / "samples.parquet").to_dicts() if (ckpt / "samples.parquet").exists() else []
+                trainer.load_checkpoint(ckpt, vstar_hash=vstar_table_hash(prompts))  # another V* table: fails here
+            except CheckpointMismatch:
+                raise
+            except Exception as exc:  # truncated or damaged files: fall back to the previous checkpoint
+                unreadable.append(f"{ckpt.name}: {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"[train_online] checkpoint {unreadable[-1]}; trying an older one")
+                continue
+            history, samples = ckpt_history, ckpt_samples
             print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
             break
+        if unreadable:  # never train on from weights a failed load may have half-restored, nor silently from step 0
+            raise RuntimeError(f"train_online: no readable checkpoint in {ckpt_dir} ({'; '.join(unreadable)}); "
     lead = trainer.rank == 0
 
     def on_step(step: int, metrics: dict[str, float], step_samples: list[dict]) -> None:
@@ -74,7 +84,7 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
         failpoint("train_online.after_step")
         if lead:
             print(f"[train_online] step {step}/{cfg.train.steps} reward {metrics['rollout/reward_mean']:.3f} "
-                  f"loss {metrics['train/loss']:.4f} kl {metrics['train/kl']:.4f} "
+                  f"loss {metrics.get('train/loss', float('nan')):.4f} kl {metrics.get('train/kl', float('nan')):.4f} "
                   f"len {metrics['rollout/response_tokens_mean']:.0f} ({metrics['time/step_s']:.2f}s)")
 
     def before_publish(tmp: Path) -> None:
