@@ -72,8 +72,10 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
             history, samples = ckpt_history, ckpt_samples
             print(f"[train_online] resumed from {ckpt.name} (step {trainer.step}/{cfg.train.steps})")
             break
+    else:
         if unreadable:  # never train on from weights a failed load may have half-restored, nor silently from step 0
             raise RuntimeError(f"train_online: no readable checkpoint in {ckpt_dir} ({'; '.join(unreadable)}); "
+                               "delete the folder to train from the start")
     lead = trainer.rank == 0
 
     def on_step(step: int, metrics: dict[str, float], step_samples: list[dict]) -> None:
