@@ -242,6 +242,15 @@ class TrackingConfig(_Section):
     """MLflow experiment name."""
 
 
+class StorageConfig(_Section):
+    attempts: int = Field(6, ge=1)
+    """Tries per artifact-storage operation (read, write, list, remove, upload, download), the first included; only transient errors (connection refused/reset, timeouts, HTTP 5xx, throttling) are retried. Credentials never go here: s3fs reads them from the environment."""
+    base_delay_s: float = Field(0.5, ge=0)
+    """Sleep before the first retry, doubled before each next one (with jitter)."""
+    max_delay_s: float = Field(60.0, ge=0)
+    """Bound on the total sleep of one operation across its retries; then the stage fails with one line naming the operation and URI, and publishes nothing."""
+
+
 class RegistryConfig(_Section):
     enabled: bool = False
     """After evaluate, register the trained model (its folder in the artifact root, no second upload) as a new version of `model_name` in the MLflow model registry, with the parent run as its run."""
@@ -316,6 +325,7 @@ class ApoConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     """MLflow model registry: register the trained model after evaluate and move the `champion` alias only when it wins."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _run_id_ok(self) -> "ApoConfig":

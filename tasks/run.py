@@ -11,14 +11,22 @@ from apo_core.config import ApoConfig
 
 from . import storage
 from .faults import failpoint
+from .preflight import PreflightError, preflight
 from .register import registry_record
 from .stage import RunContext, StageResult
 from .tracking import Tracker, default_tracking_uri, ui_command
 
 
-@task(name="start_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def _not_a_preflight_failure(task, task_run, state) -> bool:
+    """Retry start_run on I/O trouble, not on a run that cannot start (retrying cannot fix it)."""
+    return not isinstance(state.result(raise_on_failure=False), PreflightError)
+
+
+@task(name="start_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_not_a_preflight_failure)
 def start_run(config: ApoConfig) -> RunContext:
     cfg = config.with_run_id()
+    storage.configure(cfg.storage)
+    preflight(cfg, storage.join(cfg.artifact_root, cfg.run_id or ""))  # before any MLflow run or model load
     tracker = Tracker.for_config(cfg)
     parent = tracker.parent_run(cfg)
     ctx = RunContext(config=cfg, tracking_uri=default_tracking_uri(cfg), parent_run_id=parent)

@@ -138,6 +138,7 @@ def run_stage(
 ) -> StageResult:
     """Skip `stage` if complete with this fingerprint; else run `body` measured and tracked,
     then publish the marker. `body` returns (metrics, outputs: name -> URI)."""
+    storage.configure(ctx.config.storage)  # this process's retry policy (a stage may run in its own pod)
     done = completed(ctx, stage, fp)
     if done is not None:
         print(f"[{stage}] complete already (fingerprint {fp}); skipped")

@@ -2,23 +2,166 @@
 
 Single files are published atomically (local: write a temp file, then rename; object stores:
 one PUT is atomic). A stage is complete only when its marker file exists (see tasks.stage).
+
+Every operation on storage is retried with exponential backoff while its error is transient
+(connection refused or reset, timeouts, HTTP 5xx, throttling), within a bound on attempts and on
+total sleep (``configure``, from the run's ``storage`` config section); a missing file, a denied
+request or a bad value fails at once. Each retry prints the operation and the URI (credentials
+cut out of it); giving up raises ``StorageError`` with one line naming both.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 import polars as pl
 
 CACHE_DIR = Path(os.environ.get("APO_CACHE_DIR", Path.home() / ".cache" / "apo"))
+
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """Storage stayed unreachable (or kept failing transiently) through every retry; one line."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    """Tries per operation, the first included."""
+    base_delay_s: float = 0.5
+    """Sleep before the first retry; doubled before each next one."""
+    max_delay_s: float = 60.0
+    """Bound on the total sleep of one operation across its retries."""
+
+
+_policy = RetryPolicy()
+
+
+def configure(settings: Any = None, **kwargs: Any) -> RetryPolicy:
+    """Set the retry policy of this process from an object with attempts / base_delay_s /
+    max_delay_s (the config's `storage` section) or keywords; returns the one in force."""
+    global _policy
+    fields = {k: getattr(settings, k) for k in ("attempts", "base_delay_s", "max_delay_s") if hasattr(settings, k)}
+    _policy = RetryPolicy(**{**fields, **kwargs})
+    return _policy
+
+
+def policy() -> RetryPolicy:
+    return _policy
+
+
+# Exception classes (by name, so botocore/aiohttp need not be imported here) that mean the
+# endpoint could not be reached or the exchange broke off: worth another try.
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "HTTPClientError", "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+    "ClientPayloadError", "IncompleteRead", "ResponseStreamingError", "FSTimeoutError", "ProxyConnectionError",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY,
+                     getattr(errno, "EREMOTEIO", errno.EIO)}
+_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+               "RequestTimeout", "InternalError", "ServiceUnavailable"}
+# Failures that another try cannot fix: missing, denied, wrong kind of path, bad value.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+              ValueError, TypeError, KeyError, StorageError)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection refused/reset, timeouts, HTTP 5xx, throttling.
+    The outermost error that says anything decides (s3fs turns a 403 into PermissionError)."""
+    for err in _chain(exc):
+        if isinstance(err, _PERMANENT):
+            return False
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return True
+        if {c.__name__ for c in type(err).__mro__} & _TRANSIENT_NAMES:
+            return True
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and ("Error" in response or "ResponseMetadata" in response):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return code in _THROTTLING or int(status) >= 500 or int(status) == 429
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+_SECRET_KEYS = re.compile(r"(key|secret|token|signature|credential|password|passwd|auth|sig)", re.I)
+
+
+def redact(uri: str) -> str:
+    """`uri` fit for a log line: user:password@ and secret-looking query values replaced by ***.
+
+    >>> redact("s3://AKIA:sec@bucket/x?X-Amz-Signature=abc&part=1")
+    's3://***@bucket/x?X-Amz-Signature=***&part=1'
+    """
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def with_retries(op: str, uri: str, fn: Callable[[], T], cleanup: Callable[[], None] | None = None) -> T:
+    """fn() retried under the policy while it fails transiently; `cleanup` runs after each
+    failed try (e.g. drop a half-downloaded folder)."""
+    pol, slept, attempt = _policy, 0.0, 0
+    start = time.monotonic()
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if cleanup is not None:
+                cleanup()
+            if not is_transient(exc):
+                raise
+            # exponential backoff with jitter, cut so the total sleep stays within max_delay_s
+            delay = min(pol.base_delay_s * 2 ** (attempt - 1) * random.uniform(0.75, 1.0), pol.max_delay_s - slept)
+            if attempt >= pol.attempts or delay <= 0:
+                raise StorageError(
+                    f"storage: {op} {redact(uri)} failed after {attempt} attempts in "
+                    f"{time.monotonic() - start:.1f}s: {_one_line(exc)}"
+                ) from exc
+            print(f"[storage] {op} {redact(uri)}: {_one_line(exc)}; retry {attempt}/{pol.attempts - 1} in {delay:.1f}s")
+            time.sleep(delay)
+            slept += delay
 
 
 def fs_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -40,27 +183,44 @@ def join(base: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = fs_path(uri)
-    return fs.exists(path)
+    return with_retries("exists", uri, lambda: fs.exists(path))
+
+
+def listing(uri: str) -> list[str]:
+    """URIs of the entries directly under the folder `uri` (sorted; [] when it does not exist)."""
+    fs, path = fs_path(uri)
+    scheme = "" if is_local(uri) else uri.split("://", 1)[0] + "://"
+
+    def ls() -> list[str]:
+        if not fs.exists(path):
+            return []
+        return sorted(scheme + p if scheme and not p.startswith(scheme) else p for p in fs.ls(path, detail=False))
+
+    return with_retries("list", uri, ls)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Publish `data` at `uri` atomically: a reader sees the old file, no file, or all of it."""
     if is_local(uri):
         target = local_path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    else:
-        fs, path = fs_path(uri)
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    fs, path = fs_path(uri)
+    # one PUT (or one completed multipart upload) is atomic on an object store
+    with_retries("write", uri, lambda: fs.pipe_file(path, data))
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = fs_path(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return with_retries("read", uri, lambda: fs.cat_file(path))
 
 
 def write_parquet(df: pl.DataFrame, uri: str) -> None:
@@ -88,33 +248,41 @@ def manifest(uri: str, skip: tuple[str, ...] = ()) -> dict[str, dict]:
     """relative path -> {bytes, sha256 (files up to HASH_LIMIT), rows (Parquet)} of every file
     under the folder `uri`, leaving out top-level entries named in `skip`."""
     fs, root = fs_path(uri)
-    out: dict[str, dict] = {}
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        rel = path[len(root.rstrip("/")) + 1 :]
-        if rel.split("/", 1)[0] in skip:
-            continue
-        entry: dict = {"bytes": int(info["size"])}
-        if entry["bytes"] <= HASH_LIMIT:
-            entry["sha256"] = _sha256(fs, path)
-        if rel.endswith(".parquet"):
-            entry["rows"] = pl.read_parquet(io.BytesIO(fs.cat_file(path))).height
-        out[rel] = entry
-    return out
+
+    def build() -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for path, info in sorted(fs.find(root, detail=True).items()):
+            rel = path[len(root.rstrip("/")) + 1 :]
+            if rel.split("/", 1)[0] in skip:
+                continue
+            entry: dict = {"bytes": int(info["size"])}
+            if entry["bytes"] <= HASH_LIMIT:
+                entry["sha256"] = _sha256(fs, path)
+            if rel.endswith(".parquet"):
+                entry["rows"] = pl.read_parquet(io.BytesIO(fs.cat_file(path))).height
+            out[rel] = entry
+        return out
+
+    return with_retries("manifest", uri, build)
 
 
 def manifest_mismatch(uri: str, expected: dict[str, dict]) -> str | None:
     """Why the files under `uri` differ from a manifest (missing, other size, other hash), or None."""
     fs, root = fs_path(uri)
-    for rel, entry in expected.items():
-        path = f"{root.rstrip('/')}/{rel}"
-        if not fs.exists(path):
-            return f"{rel} is missing"
-        size = int(fs.size(path))
-        if size != entry["bytes"]:
-            return f"{rel} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
-        if "sha256" in entry and _sha256(fs, path) != entry["sha256"]:
-            return f"{rel} does not match its sha256 in the manifest"
-    return None
+
+    def check() -> str | None:
+        for rel, entry in expected.items():
+            path = f"{root.rstrip('/')}/{rel}"
+            if not fs.exists(path):
+                return f"{rel} is missing"
+            size = int(fs.size(path))
+            if size != entry["bytes"]:
+                return f"{rel} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
+            if "sha256" in entry and _sha256(fs, path) != entry["sha256"]:
+                return f"{rel} does not match its sha256 in the manifest"
+        return None
+
+    return with_retries("verify", uri, check)
 
 
 def write_json(obj: Any, uri: str) -> None:
@@ -127,8 +295,12 @@ def read_json(uri: str) -> Any:
 
 def remove(uri: str) -> None:
     fs, path = fs_path(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+
+    def rm() -> None:
+        if fs.exists(path):  # re-checked on a retry: an earlier try may have removed part of it
+            fs.rm(path, recursive=True)
+
+    with_retries("remove", uri, rm)
 
 
 def put_dir(local: Path, uri: str) -> None:
@@ -140,11 +312,14 @@ def put_dir(local: Path, uri: str) -> None:
         shutil.copytree(local, target, dirs_exist_ok=True)
         return
     fs, path = fs_path(uri)
-    fs.put(str(local), path, recursive=True)
+    # The trailing slash copies the folder's contents into `path`, also when `path` already
+    # exists (an earlier try or run): without it fsspec would nest the folder inside it.
+    with_retries("upload", uri, lambda: fs.put(str(local).rstrip("/") + "/", path.rstrip("/"), recursive=True))
 
 
 def localize_dir(uri: str) -> Path:
-    """A local folder holding `uri`'s files: itself when local, else a download in the cache."""
+    """A local folder holding `uri`'s files: itself when local, else a download in the cache
+    (into a temp folder renamed when complete, so a broken download never looks cached)."""
     if is_local(uri):
         return local_path(uri)
     fs, path = fs_path(uri)
@@ -152,7 +327,19 @@ def localize_dir(uri: str) -> Path:
     if not target.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".dl-"))
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+
+        def fresh() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+
+        try:
+            with_retries("download", uri, lambda: fs.get(path.rstrip("/") + "/", str(tmp), recursive=True), cleanup=fresh)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -28,6 +28,7 @@ from apo_core.trainer import CheckpointMismatch, OnlineTrainer, TrainPrompt, lis
 from . import storage
 from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .faults import failpoint
+from .preflight import check_vstar_belongs
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
@@ -150,9 +151,12 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
 
     def body(io: StageIO):
         verifier_before = reward_stats(cfg.reward_name)
-        values = storage.read_parquet(vstar.outputs["vstar"]).filter(pl.col("kept"))
+        table = storage.read_parquet(vstar.outputs["vstar"])
+        train_records = read_prompts(prep, "train")
+        check_vstar_belongs(table["prompt_id"].to_list(), [r.prompt_id for r in train_records], vstar.outputs["vstar"])
+        values = table.filter(pl.col("kept"))
         v_of = dict(zip(values["prompt_id"].to_list(), values["vstar"].to_list()))
-        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in read_prompts(prep, "train") if r.prompt_id in v_of]
+        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train_records if r.prompt_id in v_of]
         if not prompts:
             raise ValueError("train_online: no training prompts (did the V* filter drop all of them?)")
         work = _work_dir(io, cfg.run_id or "run")

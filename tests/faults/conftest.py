@@ -69,3 +69,112 @@ def pytest_sessionfinish(session, exitstatus):
         from tests.faults.report import render
 
         render()
+
+
+# A moto S3 server that survives being killed: it records every request it serves and, when
+# restarted on the same port, replays them into its backend before it accepts connections
+# (a real object store keeps its objects through an outage; moto alone would lose them).
+_DURABLE_MOTO = r"""
+import os, socket, sys
+port, recording = int(sys.argv[1]), sys.argv[2]
+os.environ["MOTO_ENABLE_RECORDING"] = "True"
+os.environ["MOTO_RECORDER_FILEPATH"] = recording
+from moto.moto_api import recorder
+from moto.server import ThreadedMotoServer, main
+if os.path.exists(recording) and os.path.getsize(recording):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        warm_port = sock.getsockname()[1]
+    warm = ThreadedMotoServer(ip_address="127.0.0.1", port=warm_port, verbose=False)
+    warm.start()
+    recorder.replay_recording(target_host=f"http://127.0.0.1:{warm_port}")  # same process: same backend
+    warm.stop()
+main(["-H", "127.0.0.1", "-p", str(port)])
+"""
+
+
+class DurableS3:
+    """A moto S3 endpoint on a fixed loopback port that a test can kill and restart."""
+
+    def __init__(self, workdir: Path):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.recording = workdir / "moto-recording.jsonl"
+        self.log = workdir / "moto.log"
+        self.process = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", _DURABLE_MOTO, str(self.port), str(self.recording)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"moto S3 server did not start on {self.endpoint}: {self.log.read_text()[-500:]}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGKILL: the endpoint vanishes mid-request, as in a crash or a network cut."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def durable_s3(tmp_path, monkeypatch):
+    """A DurableS3 started with bucket `apo-faults`; its endpoint and test keys reach s3fs
+    through the environment (botocore's own retries off, so apo's retry policy is what runs)."""
+    import s3fs
+
+    server = DurableS3(tmp_path)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "apo-faults-key", "AWS_SECRET_ACCESS_KEY": "apo-faults-secret",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.endpoint,
+                       "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("apo-faults")
+    yield server
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()  # later tests get a client for their own endpoint
+
+
+def prefect_run_logs(flow_run_id) -> list[str]:
+    """Every log line the Prefect API holds for a flow run and its task runs (what the UI shows)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs are shipped in batches; send what is queued
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=len(lines))
+            lines += [log.message for log in page]
+            if len(page) < 200:
+                return lines
+
+
+def run_flow(flow, **params):
+    """(result or exception, flow run id) of one flow run under the test's Prefect API."""
+    state = flow(**params, return_state=True)
+    try:
+        result = state.result()
+    except Exception as exc:  # the run's failure, as the caller would see it
+        result = exc
+    return result, state.state_details.flow_run_id
