@@ -29,16 +29,18 @@ def read_rows(uri: str) -> list[dict]:
     name = uri.lower().rsplit("?", 1)[0]
     if name.endswith(".parquet"):
         return pl.read_parquet(io.BytesIO(data)).to_dicts()
-    text = data.decode("utf-8")
-    if name.endswith(".json") and text.lstrip().startswith("["):
-        return [r if isinstance(r, dict) else {} for r in json.loads(text)]
+    if name.endswith(".json") and data.lstrip().startswith(b"["):
+        try:
+            return [r if isinstance(r, dict) else {} for r in json.loads(data.decode("utf-8"))]
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"data file {uri} is not a JSON array of rows: {exc}".splitlines()[0]) from None
     rows = []
-    for line in text.splitlines():
+    for line in data.splitlines():  # decoded per line: one non-UTF-8 line is one bad row, not a bad file
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             row = {}
         rows.append(row if isinstance(row, dict) else {})
     return rows
