@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean bench-env
 
 venv: $(STAMP)
 
@@ -29,3 +29,15 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .apo
+
+# The peers benchmark's environment (bench/peers.py, not the product's): apo at the pinned versions
+# plus TRL and its needs (bench/peers-requirements.txt) in bench/.venv-peers.
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+bench-env: $(PEERS_STAMP)
+
+$(PEERS_STAMP): pyproject.toml constraints.txt bench/peers-requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e . -r bench/peers-requirements.txt
+	touch $(PEERS_STAMP)
