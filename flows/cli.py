@@ -72,9 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apo: {exc}", file=sys.stderr)
         return 2
 
+    from apo_core.trainer import CheckpointMismatch
     from flows.apo import apo
+    from flows.dispatch import StageRunFailed
+    from tasks.preflight import PreflightError
+    from tasks.storage import StorageError
 
-    summary = apo(config=cfg)
+    try:
+        summary = apo(config=cfg)
+    except (ConfigError, PreflightError) as exc:  # the run could not start: nothing was computed
+        print(f"apo: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (StorageError, StageRunFailed, CheckpointMismatch, FloatingPointError) as exc:
+        # Prefect has logged the traceback; the last line says what stopped the run. Re-run with
+        # the same --run-id to resume from what was published.
+        print(f"apo: stopped: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(_summary_table(summary))
     return 0
 

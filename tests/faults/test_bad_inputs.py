@@ -358,3 +358,22 @@ def test_train_refuses_a_vstar_table_of_another_run(other, good_run, tiny_model_
     assert not (folder / "train_online" / "_COMPLETE.json").exists()
     record_fault("bad-input", f"V* table of another run fed to train_online: {other}",
                  f"refused before any model load; nothing published: `{message[:170]}`")
+
+
+# -- the command line: a run that cannot start ends with one line and exit status 2 ----------------
+
+def test_apo_run_reports_a_refused_run_in_one_line(prefect_api, tmp_path, monkeypatch, record_fault):
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    fail_if_model_loads(monkeypatch)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--set", f"artifact_root={tmp_path}", "--set", f"model.path={tmp_path / 'no-such-model'}"])
+    last = err.getvalue().strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("apo: ") and "no-such-model" in last, err.getvalue()[-2000:]
+    record_fault("bad-input", "`apo run` with a model path that does not exist",
+                 f"exit 2 before any model load; last line `{last[:140]}`")
