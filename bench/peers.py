@@ -57,10 +57,12 @@ if str(ROOT) not in sys.path:  # `python bench/peers.py` from anywhere: apo_core
     sys.path.insert(0, str(ROOT))
 
 METHODS = ("apo", "trl_grpo", "trl_a2po")
-MODES = ("paper", "race", "memory", "overhead")
+MODES = ("paper", "race", "memory", "overhead", "gpu")
 GRPO_GENERATIONS = 8
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768)
 TINY_SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
 
@@ -75,6 +77,12 @@ SIZES = {
                   lr={"apo": [1e-4], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1],
                   memory=dict(shape=TINY_SHAPE, steps=2, prompts_per_step=4, max_new_tokens=8),
                   overhead=dict(train=16, test=8, steps=2)),
+}
+# bench/gpu.sh: stage-2 step time and peak accelerator memory on a random Qwen2 (no weights can be
+# downloaded on the lent GPU machine); `tiny` is the CPU check of the same code.
+GPU_SIZES = {
+    "1.5b": dict(shape=QWEN25_15B, prompts_per_step=64, max_new_tokens=512, warmup=1, steps=2),
+    "tiny": dict(shape=TINY_SHAPE, prompts_per_step=4, max_new_tokens=8, warmup=1, steps=2),
 }
 
 
@@ -397,6 +405,81 @@ def run_trl(spec: dict) -> dict:
     return out
 
 
+def run_gpu_step(spec: dict) -> dict:
+    """Stage-2 seconds per step and peak memory of apo (OnlineTrainer) or TRL GRPOTrainer (8
+    generations per prompt) on the model at spec["model"], with vLLM where it imports on CUDA
+    (apo: its VLLMEngine; TRL: use_vllm, colocate), else transformers generate. Mean of `steps`
+    steps after `warmup`; peak accelerator memory = torch's max_memory_allocated."""
+    import importlib.util as iu
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    vllm = cuda and iu.find_spec("vllm") is not None
+    train, _ = task_records(max(64, spec["prompts_per_step"] * (spec["warmup"] + spec["steps"])), 1)
+    P, mnt, total = spec["prompts_per_step"], spec["max_new_tokens"], spec["warmup"] + spec["steps"]
+    from apo_core.modeling import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(spec["model"], "float32", device)
+    ends: list[float] = []
+    if spec["method"] == "apo":
+        from apo_core.config import TrainConfig
+        from apo_core.engines import make_engine
+        from apo_core.modeling import reference_of
+        from apo_core.rewards import get_reward
+        from apo_core.trainer import OnlineTrainer, TrainPrompt
+
+        kwargs = dict(gpu_memory_utilization=0.3, max_model_len=256 + mnt) if vllm else dict(batch_size=512, autocast_bf16=False)
+        engine = make_engine("vllm" if vllm else "transformers", model, tok, **kwargs)
+        cfg = TrainConfig(steps=total, rollout_batch_size=P, minibatch_size=P, max_new_tokens=mnt, lr=1e-6)
+        trainer = OnlineTrainer(model, reference_of(model), tok, engine, get_reward("embedded"), cfg)
+        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, 0.5) for r in train]
+        model.train()
+        trainer._sync_engine()
+        ends.append(time.perf_counter())  # step 1 starts here
+        for _ in range(total):
+            if cuda:
+                torch.cuda.synchronize()
+            trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+        engine_name = engine.name
+    else:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        from apo_core.rewards import gsm8k_reward
+
+        class StepEnds(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if cuda:
+                    torch.cuda.synchronize()
+                ends.append(time.perf_counter())
+                control.should_training_stop = state.global_step >= total
+                return control
+
+        out_dir = tempfile.mkdtemp(prefix="apo-peers-gpu-")
+        extra = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if vllm else {}
+        args = GRPOConfig(output_dir=out_dir, num_generations=GRPO_GENERATIONS, per_device_train_batch_size=P * GRPO_GENERATIONS,
+                          max_completion_length=mnt, bf16=False, use_cpu=not cuda, logging_steps=1, save_strategy="no",
+                          report_to=[], disable_tqdm=True, num_train_epochs=100, **extra)
+        dataset = Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in train])
+        trainer = GRPOTrainer(model=model, reward_funcs=lambda prompts, completions, answer, **kw: gsm8k_reward(completions, answer),
+                              args=args, train_dataset=dataset, processing_class=tok, callbacks=[StepEnds()])
+        ends.append(time.perf_counter())  # step 1 starts here
+        trainer.train()  # its set-up falls into step 1, a warm-up step
+        shutil.rmtree(out_dir, ignore_errors=True)
+        engine_name = "vllm" if vllm else "transformers"
+    durations = [b - a for a, b in zip(ends, ends[1:])]
+    timed = durations[spec["warmup"]:]
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "engine": engine_name, "steps_timed": len(timed),
+            "step_s": statistics.mean(timed) if timed else None,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
 def save_random_model(shape: dict, path: str) -> dict:
     """A randomly initialised Qwen2 of `shape` with the embedded byte tokenizer, saved at `path`."""
     import torch
@@ -418,6 +501,8 @@ def child_main(spec: dict) -> dict:
     _setup(spec["threads"], spec.get("seed", 0))
     if spec["method"] == "save_model":
         out = save_random_model(spec["shape"], spec["path"])
+    elif spec["mode"] == "gpu":
+        out = run_gpu_step(spec)
     elif spec["method"] == "apo":
         out = run_apo_pipeline(spec) if spec["mode"] == "paper" else run_apo_core(spec)
     else:
@@ -551,6 +636,25 @@ def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
     return out
 
 
+def measure_gpu(methods, size: str, base: dict, log_dir: Path) -> dict:
+    """Stage-2 step time and peak accelerator memory, apo vs TRL GRPO, on a random Qwen2 (bench/gpu.sh)."""
+    g = GPU_SIZES[size]
+    model_dir = tempfile.mkdtemp(prefix="apo-peers-gpu-model-")
+    try:
+        saved = run_child({"method": "save_model", "mode": "gpu", "threads": base["threads"], "shape": g["shape"],
+                           "path": model_dir}, log_dir, "gpu-save-model")
+        out = {"model": {"params": saved["params"], "shape": g["shape"]}, "size": size,
+               **{k: g[k] for k in ("prompts_per_step", "max_new_tokens", "warmup", "steps")}}
+        for method in [m for m in methods if m in ("apo", "trl_grpo")]:
+            spec = {**base, **{k: g[k] for k in ("prompts_per_step", "max_new_tokens", "warmup", "steps")},
+                    "model": model_dir, "method": method, "mode": "gpu", "seed": 0}
+            r = run_child(spec, log_dir, f"gpu-{method}")
+            out[method] = {k: r[k] for k in ("step_s", "steps_timed", "peak_gpu_mb", "peak_rss_mb", "peak_rss_tree_mb", "engine", "device")}
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return out
+
+
 def measure_overhead(s: dict, base: dict, log_dir: Path) -> dict:
     """`apo run` (what `make run` runs), timed from outside, against its own stage seconds."""
     o = s["overhead"]
@@ -598,6 +702,10 @@ def targets(results: dict) -> dict:
             r = ratio(race["apo"]["time_to_target_s"], race[peer]["time_to_target_s"])
             t[f"race_apo_over_{peer}_time_to_target"] = {
                 "value": r, "target": f"<= {bound}" if bound else "reported", "met": (r is not None and r <= bound) if bound else None}
+    gpu = results.get("gpu", {})
+    if "apo" in gpu and "trl_grpo" in gpu:
+        for key in ("step_s", "peak_gpu_mb"):
+            t[f"gpu_apo_over_grpo_{key}"] = {"value": ratio(gpu["apo"][key], gpu["trl_grpo"][key]), "target": "reported", "met": None}
     if "overhead" in results:
         f = results["overhead"]["overhead_frac"]
         t["pipeline_overhead_frac"] = {"value": f, "target": "<= 0.10", "met": f <= 0.10}
@@ -655,6 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
     ap.add_argument("--race-budget-s", type=float, default=None, help="race: training seconds per run")
     ap.add_argument("--eval-every-s", type=float, default=None, help="race: held-out scoring interval (training seconds)")
+    ap.add_argument("--gpu-size", choices=sorted(GPU_SIZES), default="1.5b", help="gpu mode: the random model (tiny: CPU check)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/peers.json, --quick: results/peers-quick.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -698,6 +807,8 @@ def main(argv: list[str] | None = None) -> None:
         results["memory"] = measure_memory(methods, s, base, log_dir)
     if "overhead" in modes:
         results["overhead"] = measure_overhead(s, base, log_dir)
+    if "gpu" in modes:
+        results["gpu"] = measure_gpu(methods, args.gpu_size, base, log_dir)
     results["targets"] = targets(results)
     results["settings"] = {"size": "quick" if args.quick else "full", "modes": modes, "methods": methods, **s,
                            "grpo_generations": GRPO_GENERATIONS, "beta1": 0.5}
@@ -733,6 +844,15 @@ def report(r: dict) -> str:
         for m in METHODS:
             if m in r["memory"]:
                 lines.append(f"  {m:9s} peak {r['memory'][m]['peak_rss_mb']:7.0f} MB (tree {r['memory'][m]['peak_rss_tree_mb']:.0f})")
+    if "gpu" in r:
+        g = r["gpu"]
+        lines.append(f"gpu: stage-2 step, random Qwen2 {g['model']['params'] / 1e6:.1f}M params, {g['prompts_per_step']} prompts/step, {g['max_new_tokens']} new tokens")
+        for m in ("apo", "trl_grpo"):
+            if m in g:
+                v = g[m]
+                mem = "n/a" if v["peak_gpu_mb"] is None else f"{v['peak_gpu_mb']:.0f} MB"
+                step = "n/a" if v["step_s"] is None else f"{v['step_s']:.2f} s"
+                lines.append(f"  {m:9s} {step}/step  peak GPU {mem}  peak RSS {v['peak_rss_mb']:.0f} MB  [{v['engine']} on {v['device']}]")
     if "overhead" in r:
         o = r["overhead"]
         lines.append(f"overhead: apo run {o['wall_s']:.1f} s, stages {o['stage_seconds_total']:.1f} s -> {100 * o['overhead_frac']:.1f}% outside stages")
