@@ -36,7 +36,8 @@ if [[ -z "$py" ]]; then
         if [[ -x "$candidate" ]] || command -v "$candidate" >/dev/null 2>&1; then py="$candidate"; break; fi
     done
 fi
-if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels: installed beside the image's packages, offline
+pyver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+if compgen -G ".whl/*.whl" >/dev/null && [[ "$pyver" == 3.12 ]]; then  # carried wheels (built for the GPU image's 3.12), offline
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/apo-bench-site .whl/*.whl
     export PYTHONPATH="/tmp/apo-bench-site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -20,8 +20,10 @@ Modes (keys of the JSON): `paper` (same prompts, same passes over them: wall_s, 
 peak_rss_mb, kl, generated_tokens), `race` (held-out accuracy against wall-clock time, scored
 every `eval_every_s`, per seed; time_to_target_s = first time at reference + 10 points, mean over
 seeds), `memory` (a random Qwen2.5-0.5B-shaped model, a few steps at the same prompts per step,
-each method at its documented defaults: peak_rss_mb), and `overhead` (the share of an `apo run`'s
-wall time outside stage compute, from its summary.json).
+each method at its documented defaults: peak_rss_mb), `overhead` (the share of an `apo run`'s
+wall time outside stage compute, from its summary.json), `scaling` (stage 1's seconds at four sizes
+of prompts x N; stage 2's seconds per step after a stage 1 of each N) and `gpu` (bench/gpu.sh:
+stage-2 step time and peak GPU memory, apo vs TRL GRPO, on a random Qwen2.5-1.5B-shaped model).
 
 Fairness rules. Every method runs in its own child process (this script with --child); its peak
 RSS is the child's own VmHWM (`peak_rss_mb`) and, polled by the parent with psutil, its whole
@@ -57,7 +59,7 @@ if str(ROOT) not in sys.path:  # `python bench/peers.py` from anywhere: apo_core
     sys.path.insert(0, str(ROOT))
 
 METHODS = ("apo", "trl_grpo", "trl_a2po")
-MODES = ("paper", "race", "memory", "overhead", "gpu")
+MODES = ("paper", "race", "memory", "overhead", "scaling", "gpu")
 GRPO_GENERATIONS = 8
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
@@ -71,12 +73,14 @@ SIZES = {
                  race_budget_s=300.0, eval_every_s=15.0, seeds=[0, 1, 2],
                  lr={"apo": [3e-5, 1e-4], "trl_grpo": [3e-5, 1e-4], "trl_a2po": [3e-5, 1e-4]}, beta2=[1e-3, 0.1],
                  memory=dict(shape=QWEN25_05B, steps=2, prompts_per_step=8, max_new_tokens=16),
-                 overhead=dict(train=1024, test=500)),
+                 overhead=dict(train=1024, test=500),
+                 scaling=dict(stage1=[[256, 4], [256, 8], [512, 8], [1024, 8]], stage2_n=[2, 8, 32], prompts=256, warmup=1, steps=3)),
     "quick": dict(train=16, test=16, n_ref=2, max_new_tokens=48, prompts_per_step=8, passes=1,
                   race_budget_s=6.0, eval_every_s=3.0, seeds=[0],
                   lr={"apo": [1e-4], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1],
                   memory=dict(shape=TINY_SHAPE, steps=2, prompts_per_step=4, max_new_tokens=8),
-                  overhead=dict(train=16, test=8, steps=2)),
+                  overhead=dict(train=16, test=8, steps=2),
+                  scaling=dict(stage1=[[8, 1], [8, 2], [16, 2], [16, 4]], stage2_n=[1, 4], prompts=16, warmup=1, steps=1)),
 }
 # bench/gpu.sh: stage-2 step time and peak accelerator memory on a random Qwen2 (no weights can be
 # downloaded on the lent GPU machine); `tiny` is the CPU check of the same code.
@@ -480,6 +484,57 @@ def run_gpu_step(spec: dict) -> dict:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
+def run_scaling(spec: dict) -> dict:
+    """Stage 1's cost against prompts x N (apo's sample_reference at each size), and stage 2's
+    seconds per step after a stage 1 of each N (the same prompts, a fresh copy of the reference)."""
+    import copy
+
+    from apo_core.config import TrainConfig
+    from apo_core.engines import TransformersEngine
+    from apo_core.modeling import reference_of
+    from apo_core.rewards import get_reward
+    from apo_core.rollouts import aggregate_vstar, sample_reference
+    from apo_core.trainer import OnlineTrainer, TrainPrompt
+
+    train, _ = task_records(max([spec["prompts"]] + [p for p, _ in spec["stage1"]]), 1)
+    base_model, tok = _load(spec["model"])
+    reward, mnt = get_reward("embedded"), spec["max_new_tokens"]
+    stage1 = []
+    for prompts, n in spec["stage1"]:
+        engine = TransformersEngine(base_model, tok, batch_size=512, autocast_bf16=False)
+        t0 = time.perf_counter()
+        rows = sample_reference(engine, train[:prompts], reward, n_samples=n, temperature=1.0, top_p=1.0,
+                                max_new_tokens=mnt, seed=1234)
+        stage1.append({"prompts": prompts, "n": n, "samples": prompts * n, "seconds": time.perf_counter() - t0,
+                       "tokens": sum(r["n_tokens"] for r in rows)})
+    # least squares seconds = fixed + per_sample * samples; r2 says how linear it is
+    xs, ys = [r["samples"] for r in stage1], [r["seconds"] for r in stage1]
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    per_sample = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / max(1e-12, sum((x - mean_x) ** 2 for x in xs))
+    fixed = mean_y - per_sample * mean_x
+    r2 = 1 - sum((y - fixed - per_sample * x) ** 2 for x, y in zip(xs, ys)) / max(1e-12, sum((y - mean_y) ** 2 for y in ys))
+    stage2 = []
+    P = spec["prompts_per_step"]
+    for n in spec["stage2_n"]:
+        model = copy.deepcopy(base_model)
+        engine = TransformersEngine(model, tok, batch_size=512, autocast_bf16=False)
+        recs = train[: spec["prompts"]]
+        rows = sample_reference(engine, recs, reward, n_samples=n, temperature=1.0, top_p=1.0, max_new_tokens=mnt, seed=1234)
+        v_of = {r["prompt_id"]: r["vstar"] for r in aggregate_vstar([r["prompt_id"] for r in rows], [r["reward"] for r in rows], 0.5)}
+        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in recs]
+        total = spec["warmup"] + spec["steps"]
+        trainer = OnlineTrainer(model, reference_of(model), tok, engine, reward,
+                                TrainConfig(steps=total, rollout_batch_size=P, minibatch_size=P, max_new_tokens=mnt, seed=0))
+        model.train()
+        times = []
+        for _ in range(total):
+            metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
+            times.append(metrics["time/step_s"])
+        stage2.append({"n": n, "step_s": statistics.mean(times[spec["warmup"]:]), "steps_timed": spec["steps"]})
+    return {"stage1": stage1, "stage1_seconds_per_sample": per_sample, "stage1_fixed_s": fixed, "stage1_linear_r2": r2,
+            "stage2": stage2}
+
+
 def save_random_model(shape: dict, path: str) -> dict:
     """A randomly initialised Qwen2 of `shape` with the embedded byte tokenizer, saved at `path`."""
     import torch
@@ -503,6 +558,8 @@ def child_main(spec: dict) -> dict:
         out = save_random_model(spec["shape"], spec["path"])
     elif spec["mode"] == "gpu":
         out = run_gpu_step(spec)
+    elif spec["mode"] == "scaling":
+        out = run_scaling(spec)
     elif spec["method"] == "apo":
         out = run_apo_pipeline(spec) if spec["mode"] == "paper" else run_apo_core(spec)
     else:
@@ -702,6 +759,11 @@ def targets(results: dict) -> dict:
             r = ratio(race["apo"]["time_to_target_s"], race[peer]["time_to_target_s"])
             t[f"race_apo_over_{peer}_time_to_target"] = {
                 "value": r, "target": f"<= {bound}" if bound else "reported", "met": (r is not None and r <= bound) if bound else None}
+    if "scaling" in results:
+        sc = results["scaling"]
+        t["stage1_linear_r2"] = {"value": sc["stage1_linear_r2"], "target": "reported (1 = linear in prompts x N)", "met": None}
+        steps = [x["step_s"] for x in sc["stage2"]]
+        t["stage2_step_s_max_over_min_across_n"] = {"value": max(steps) / min(steps), "target": "reported (1 = N-independent)", "met": None}
     gpu = results.get("gpu", {})
     if "apo" in gpu and "trl_grpo" in gpu:
         for key in ("step_s", "peak_gpu_mb"):
@@ -752,7 +814,7 @@ def _floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes")
-    ap.add_argument("--modes", default="paper,race,memory,overhead", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="paper,race,memory,overhead,scaling", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every method (the same for all)")
     for method in METHODS:
@@ -807,6 +869,8 @@ def main(argv: list[str] | None = None) -> None:
         results["memory"] = measure_memory(methods, s, base, log_dir)
     if "overhead" in modes:
         results["overhead"] = measure_overhead(s, base, log_dir)
+    if "scaling" in modes:
+        results["scaling"] = run_child({**base, **s["scaling"], "method": "apo", "mode": "scaling", "seed": 0}, log_dir, "scaling")
     if "gpu" in modes:
         results["gpu"] = measure_gpu(methods, args.gpu_size, base, log_dir)
     results["targets"] = targets(results)
@@ -844,6 +908,11 @@ def report(r: dict) -> str:
         for m in METHODS:
             if m in r["memory"]:
                 lines.append(f"  {m:9s} peak {r['memory'][m]['peak_rss_mb']:7.0f} MB (tree {r['memory'][m]['peak_rss_tree_mb']:.0f})")
+    if "scaling" in r:
+        sc = r["scaling"]
+        lines.append(f"scaling: stage 1 {1000 * sc['stage1_seconds_per_sample']:.2f} ms per sample + {sc['stage1_fixed_s']:.2f} s (linear fit r2 {sc['stage1_linear_r2']:.3f})")
+        lines += [f"  stage 1 {x['prompts']:5d} prompts x N={x['n']:<3d} {x['seconds']:7.2f} s" for x in sc["stage1"]]
+        lines += [f"  stage 2 after N={x['n']:<3d} {x['step_s']:.3f} s/step" for x in sc["stage2"]]
     if "gpu" in r:
         g = r["gpu"]
         lines.append(f"gpu: stage-2 step, random Qwen2 {g['model']['params'] / 1e6:.1f}M params, {g['prompts_per_step']} prompts/step, {g['max_new_tokens']} new tokens")
