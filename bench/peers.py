@@ -650,11 +650,16 @@ def measure_paper(methods, s: dict, base: dict, log_dir: Path) -> dict:
     return out
 
 
-def measure_race(methods, s: dict, base: dict, log_dir: Path) -> dict:
+def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None = None) -> dict:
+    """`paper` given: each method races at its best `paper` point only (its sweep is reported
+    there); 3 seeds x every point would take hours at full size."""
     out = {}
     for method in methods:
         points = []
-        for point in _sweep(method, s["lr"], s["beta2"]):
+        sweep = _sweep(method, s["lr"], s["beta2"])
+        if paper and method in paper:
+            sweep = [{"lr": paper[method]["lr"], "beta2": paper[method]["beta2"]}]
+        for point in sweep:
             seeds = []
             for seed in s["seeds"]:
                 spec = {**base, **point, "method": method, "mode": "race", "seed": seed, "score": True, "steps": 10**9,
@@ -823,6 +828,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beta2", type=_floats, default=None, help="beta2 values swept for apo and trl_a2po (comma list)")
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
+    ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
+                    help="race: only each method's best paper point (when paper runs too), or the whole sweep")
     ap.add_argument("--race-budget-s", type=float, default=None, help="race: training seconds per run")
     ap.add_argument("--eval-every-s", type=float, default=None, help="race: held-out scoring interval (training seconds)")
     ap.add_argument("--gpu-size", choices=sorted(GPU_SIZES), default="1.5b", help="gpu mode: the random model (tiny: CPU check)")
@@ -864,7 +871,7 @@ def main(argv: list[str] | None = None) -> None:
     if "paper" in modes:
         results["paper"] = measure_paper(methods, s, base, log_dir)
     if "race" in modes:
-        results["race"] = measure_race(methods, s, base, log_dir)
+        results["race"] = measure_race(methods, s, base, log_dir, results.get("paper") if args.race_sweep == "best" else None)
     if "memory" in modes:
         results["memory"] = measure_memory(methods, s, base, log_dir)
     if "overhead" in modes:
