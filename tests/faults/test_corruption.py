@@ -95,13 +95,48 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(complete_run, 
                  "equal weights, sample table and accuracy")
 
 
+
+def test_resume_against_an_altered_vstar_table_fails_loudly(complete_run, record_fault):
+    """V* values changed under a resumable run (its manifest rewritten to match, so the stage is
+    reused): the checkpoint's V* hash catches it; nothing trains against the wrong values."""
+    from apo_core.trainer import TrainPrompt, vstar_table_hash
+    from tasks import storage
+    from tasks.stage import RESUME_STATE
+
+    cfg, folder, _ = complete_run
+    stage, values = folder / "aggregate_vstar", folder / "aggregate_vstar" / "vstar.parquet"
+    marker_path = stage / "_COMPLETE.json"
+    saved = values.read_bytes(), marker_path.read_text()
+    table = pl.read_parquet(values).with_columns(vstar=pl.col("vstar") + 0.125)
+    table.write_parquet(values)
+    marker = json.loads(saved[1])
+    marker["manifest"] = storage.manifest(str(stage), skip=RESUME_STATE)
+    marker_path.write_text(json.dumps(marker))
+    train = folder / "train_online"
+    (train / "_COMPLETE.json").unlink()  # the run died in stage 2, and is resumed
+    newest = sorted((train / "checkpoints").glob("step_*"))[-1]
+    trained_against = json.loads((newest / "trainer_state.json").read_text())["vstar_hash"]
+    kept = table.filter(pl.col("kept"))
+    now = vstar_table_hash([TrainPrompt(p, "", "", v) for p, v in zip(kept["prompt_id"], kept["vstar"])])
+    model_before = (train / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(Exception) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "\n" not in message and trained_against in message and now in message and str(newest) in message
+    assert (train / "model" / "model.safetensors").read_bytes() == model_before
+    values.write_bytes(saved[0])  # V* as it was; train_online stays incomplete (a resumable run)
+    marker_path.write_text(saved[1])
+    record_fault("corruption", "V* values changed under a resumable run (vstar.parquet + 0.125, its manifest rewritten to match)",
+                 "the resume stopped before training with one line naming the checkpoint's V* hash, the run's V* hash "
+                 "and the checkpoint; the published model was left intact")
+
 def test_no_readable_checkpoint_stops_instead_of_starting_over(complete_run, record_fault):
     cfg, folder, _ = complete_run
     stage = folder / "train_online"
     for ckpt in sorted((stage / "checkpoints").glob("step_*")):
         state = ckpt / "trainer_state.pt"
         state.write_bytes(state.read_bytes()[:100])
-    (stage / "_COMPLETE.json").unlink()
+    (stage / "_COMPLETE.json").unlink(missing_ok=True)  # already gone after the V* case
     model_before = (stage / "model" / "model.safetensors").read_bytes()
     with pytest.raises(Exception, match=r"no readable checkpoint in .*checkpoints \(step_000005: .*; step_000004: .*\); "
                                          r"delete the folder to train from the start"):
