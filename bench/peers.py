@@ -85,7 +85,9 @@ SIZES = {
 # bench/gpu.sh: stage-2 step time and peak accelerator memory on a random Qwen2 (no weights can be
 # downloaded on the lent GPU machine); `tiny` is the CPU check of the same code.
 GPU_SIZES = {
-    "1.5b": dict(shape=QWEN25_15B, prompts_per_step=64, max_new_tokens=512, warmup=1, steps=2),
+    # 16 prompts x 256 tokens: apo's minibatch is one forward (its logits alone are 16 x 270 x 151936 fp32 = 2.6 GB);
+    # GRPO takes the same 16 sequences per micro-batch, 8 micro-batches per step (8 generations per prompt).
+    "1.5b": dict(shape=QWEN25_15B, prompts_per_step=16, max_new_tokens=256, warmup=1, steps=2),
     "tiny": dict(shape=TINY_SHAPE, prompts_per_step=4, max_new_tokens=8, warmup=1, steps=2),
 }
 
@@ -467,7 +469,12 @@ def run_gpu_step(spec: dict) -> dict:
 
         out_dir = tempfile.mkdtemp(prefix="apo-peers-gpu-")
         extra = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if vllm else {}
-        args = GRPOConfig(output_dir=out_dir, num_generations=GRPO_GENERATIONS, per_device_train_batch_size=P * GRPO_GENERATIONS,
+        if vllm:  # colocated vLLM expects a (one-process) torch.distributed launch
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29513")):
+                os.environ.setdefault(key, value)
+        # one optimizer step per P prompts x 8 generations, in micro-batches of P sequences (apo's forward size)
+        args = GRPOConfig(output_dir=out_dir, num_generations=GRPO_GENERATIONS, per_device_train_batch_size=P,
+                          gradient_accumulation_steps=GRPO_GENERATIONS,
                           max_completion_length=mnt, bf16=False, use_cpu=not cuda, logging_steps=1, save_strategy="no",
                           report_to=[], disable_tqdm=True, num_train_epochs=100, **extra)
         dataset = Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in train])
