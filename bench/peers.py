@@ -387,7 +387,11 @@ def run_trl(spec: dict) -> dict:
     if spec["method"] == "trl_grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(**common, num_generations=GRPO_GENERATIONS, per_device_train_batch_size=P * GRPO_GENERATIONS)
+        # one optimizer step per P prompts x 8 generations: one micro-batch in paper/race (fastest here on the
+        # tiny model), micro-batches of P (TRL's default 8 at P = 8) x 8 accumulation steps in memory
+        micro = dict(per_device_train_batch_size=P * GRPO_GENERATIONS) if spec["mode"] != "memory" else \
+            dict(per_device_train_batch_size=P, gradient_accumulation_steps=GRPO_GENERATIONS)
+        args = GRPOConfig(**common, num_generations=GRPO_GENERATIONS, **micro)
         trainer = GRPOTrainer(model=model, reward_funcs=embedded_reward, args=args, train_dataset=dataset,
                               processing_class=tok, callbacks=[Clocked()])
     else:
