@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import flows.apo  # noqa: F401  (every stage module imported before fail_if_model_loads patches names)
 from apo_core.config import ConfigError, load_config
 from tasks import storage
 from tasks.preflight import PreflightError
@@ -65,14 +66,19 @@ def one_line(exc: BaseException) -> str:
 
 
 def fail_if_model_loads(monkeypatch):
-    """Model loading is the expensive work: a bad input must be refused before it."""
-    import tasks.common
+    """Model loading is the expensive work: a bad input must be refused before it. Patched
+    wherever a module has bound the loaders (`from .common import load_model`), and only in
+    modules imported at the top of this file, so no later test imports a patched name."""
+    import sys
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded for a run that should have been refused first")
 
-    monkeypatch.setattr(tasks.common, "load_model", refuse)
-    monkeypatch.setattr("apo_core.modeling.load_model_and_tokenizer", refuse)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("tasks", "flows", "apo_core"):
+            for attr in ("load_model", "load_model_and_tokenizer"):
+                if callable(getattr(module, attr, None)):
+                    monkeypatch.setattr(module, attr, refuse)
 
 
 # -- bad config values: refused at load, one line naming the field --------------------------------

@@ -1,6 +1,5 @@
 """Damaged published files and checkpoints: detected, never trusted, recomputed to the same
-result (the Parquet manifest checks themselves live in tasks/stage.py and tasks/storage.py;
-tests/test_flow.py has the same truncation and manifest cases on the flow's own fixture).
+result (the manifest checks themselves live in tasks/stage.py and tasks/storage.py).
 
 The cases share one tiny run, in order; each leaves it complete again except the last.
 """
