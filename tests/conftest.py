@@ -17,6 +17,8 @@ os.environ.setdefault("APO_CACHE_DIR", os.path.join(_PREFECT_HOME, "apo-cache"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers.servers import free_port, wait_for_http  # noqa: E402
+
 torch.set_num_threads(2)
 
 
@@ -67,28 +69,19 @@ def s3_endpoint():
     """A real S3 API on loopback (moto's server, in its own process as a real endpoint would be:
     in-process it would import Flask, whose context proxies break vLLM's start-up) with a bucket
     `apo-test`; credentials and the endpoint reach s3fs through the environment only."""
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"moto S3 server did not start on {endpoint}")
-            time.sleep(0.2)
+
+    def failed(reason: str) -> None:
+        server.kill()
+        pytest.fail(f"moto S3 server did not start on {endpoint}: {reason}")
+
+    wait_for_http(f"{endpoint}/moto-api/", server, 60, failed)
     env = {"AWS_ACCESS_KEY_ID": "apo-test-key", "AWS_SECRET_ACCESS_KEY": "apo-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
@@ -114,16 +107,11 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
     hands out s3:// artifact locations and clients (tests, pipeline stages) write to the bucket
     themselves, so both the server and this process get MLFLOW_S3_ENDPOINT_URL. Yields the URI."""
     import shutil
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     home = tmp_path_factory.mktemp("mlflow-server")
     # no job runner: it only serves MLflow's GenAI jobs and would add a dozen worker processes
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -135,17 +123,13 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
          "--default-artifact-root", "s3://apo-test/mlflow", "--no-serve-artifacts"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # the first start migrates the SQLite schema (tens of seconds on 2 cores)
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                tail = (home / "server.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"MLflow server did not start on {uri}:\n{tail}")
-            time.sleep(0.5)
+
+    def failed(reason: str) -> None:
+        server.kill()
+        tail = (home / "server.log").read_text(errors="replace")[-2000:]
+        pytest.fail(f"MLflow server did not start on {uri}: {reason}\n{tail}")
+
+    wait_for_http(f"{uri}/health", server, 180, failed, poll=0.5)  # the first start migrates the SQLite schema (tens of s)
     saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
     try:

@@ -10,17 +10,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from apo_core.config import ConfigError, load_config
+from tests.helpers.servers import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,12 +121,6 @@ def test_prefect_yaml_declares_every_stage_deployment_on_its_pool():
 # ---------------------------------------------------------------- the stack
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Stack:
     """Subprocesses this module started (each in its own session, so a stop ends its children)."""
 
@@ -161,22 +154,17 @@ class Stack:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, what: str, stack: Stack, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{what} did not come up at {url}\n{stack.logs()}")
-            time.sleep(0.5)
+    def failed(reason: str) -> None:
+        pytest.fail(f"{what} did not come up at {url}: {reason}\n{stack.logs()}")
+
+    wait_for_http(url, proc, seconds, failed, poll=0.5)
 
 
 @pytest.fixture(scope="module")
 def stack(s3_endpoint, mlflow_server, tmp_path_factory):
     """Prefect server, pools apo-cpu/apo-gpu, one process worker per pool, deployments from prefect.yaml."""
     root = tmp_path_factory.mktemp("work-pool-stack")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "1"})

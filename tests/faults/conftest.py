@@ -97,11 +97,9 @@ class DurableS3:
     """A moto S3 endpoint on a fixed loopback port that a test can kill and restart."""
 
     def __init__(self, workdir: Path):
-        import socket
+        from tests.helpers.servers import free_port
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.recording = workdir / "moto-recording.jsonl"
         self.log = workdir / "moto.log"
@@ -110,22 +108,18 @@ class DurableS3:
     def start(self, timeout: float = 90.0) -> None:
         import subprocess
         import sys
-        import time
-        import urllib.request
+
+        from tests.helpers.servers import wait_for_http
 
         with open(self.log, "a") as log:
             self.process = subprocess.Popen([sys.executable, "-c", _DURABLE_MOTO, str(self.port), str(self.recording)],
                                             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"moto S3 server did not start on {self.endpoint}: {self.log.read_text()[-500:]}")
-                time.sleep(0.1)
+
+        def failed(reason: str) -> None:
+            self.stop()
+            pytest.fail(f"moto S3 server did not start on {self.endpoint}: {reason}: {self.log.read_text()[-500:]}")
+
+        wait_for_http(f"{self.endpoint}/moto-api/", self.process, timeout, failed, poll=0.1)
 
     def stop(self) -> None:
         """SIGKILL: the endpoint vanishes mid-request, as in a crash or a network cut."""
