@@ -191,6 +191,14 @@ class TrainConfig(_Section):
     """Checkpoints kept on disk (oldest deleted first)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
+    optimizer_state_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """AdamW's two moments: float32 (torch's fused AdamW) or bfloat16 with stochastic rounding (apo_core.optim; half the optimizer's memory, the same update arithmetic). auto: bfloat16 when the trained weights number 100M or more, where the moments are gigabytes; float32 below. DeepSpeed keeps its own float32 state."""
+    update_in_backward: Literal["auto"] | bool = "auto"
+    """Apply each weight's (clipped) AdamW update as soon as its gradient is final, so a full set of gradients never exists: a first backward pass only measures the global gradient norm, a second updates. The same update as the usual path for ~1.5x the update compute, minus the gradients' memory (the model's size again). Needs the bfloat16 optimizer state; auto: on when that is chosen by model size. Not with DeepSpeed."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for ~30% more update compute. auto: on for models of 100M parameters or more."""
+    reference_dtype: Literal["bfloat16", "model"] = "bfloat16"
+    """Storage dtype of the frozen reference's matrices: bfloat16 halves its memory at fp32 and each forward widens one matrix at a time to the policy's dtype (log pi_ref moves by ~1e-2 per token); "model": an exact copy in the policy's dtype. Unused with LoRA (pi_ref is the policy with its adapter off)."""
     lora: LoraSettings | None = None
     """Train a LoRA adapter (PEFT) instead of all weights; pi_ref is the network with the adapter off. None: full fine-tune."""
     deepspeed: DeepSpeedSettings | None = None

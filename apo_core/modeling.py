@@ -6,6 +6,7 @@ has P columns, the response block T columns, so every row's response starts at c
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -85,13 +86,46 @@ class AdapterDisabled(torch.nn.Module):
             return policy(*args, **kwargs)
 
 
-def reference_of(policy) -> torch.nn.Module:
-    """pi_ref for `policy`: adapter disabled for a PEFT model, else a frozen copy of the weights."""
+class _StoredAs(torch.nn.Module):
+    """Parametrization: a weight kept in a narrower dtype, widened to `dtype` when a forward reads it."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.to(self.dtype)
+
+
+def reference_of(policy, storage_dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+    """pi_ref for `policy`: adapter disabled for a PEFT model, else a frozen copy of the weights.
+
+    storage_dtype (e.g. "bfloat16"; None or "model": an exact copy): the copy's matrices (linear and embedding weights) are
+    stored in that dtype and widened to the policy's dtype for each forward, one matrix at a
+    time: half the reference's memory at fp32, the arithmetic unchanged. The copy is made
+    matrix by matrix, so a full-width second copy never exists, not even for a moment.
+    """
     if is_peft(policy):
         return AdapterDisabled(policy)
     import copy
 
-    ref = copy.deepcopy(policy)
+    from torch.nn.utils import parametrize
+
+    narrow = None if storage_dtype in (None, "model") else \
+        getattr(torch, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
+    memo: dict[int, object] = {}
+    stored: list[tuple[str, torch.dtype]] = []  # (module name, its weight's dtype) of the narrowed matrices
+    if narrow is not None:
+        for name, module in policy.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and isinstance(weight, torch.nn.Parameter) \
+                    and weight.dtype.is_floating_point and weight.dtype.itemsize > narrow.itemsize:
+                if id(weight) not in memo:  # tied matrices (embedding = output layer) stay one tensor
+                    memo[id(weight)] = torch.nn.Parameter(weight.detach().to(narrow), requires_grad=False)
+                stored.append((name, weight.dtype))
+    ref = copy.deepcopy(policy, memo)
+    for name, wide in stored:
+        parametrize.register_parametrization(ref.get_submodule(name), "weight", _StoredAs(wide), unsafe=True)
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -157,6 +191,16 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
     return TokenBatch(input_ids, attention, attention[:, P:].clone())
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any PEFT / DeepSpeed wrapper takes `logits_to_keep` (transformers' LMs do)."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine
+    if isinstance(inner, AdapterDisabled):
+        inner = inner._policy[0]
+    if is_peft(inner):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
     """Per-token log pi(y_t | x, y_<t) on the response block: (B, T), zero where masked.
 
@@ -164,10 +208,14 @@ def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
     scores match what generation saw.
     """
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False)
-    P = batch.prompt_len
-    # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2.
-    logits = out.logits[:, P - 1 : -1].float()
+    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2,
+    # the last T+1 columns. Asking for only those skips the (B, P, V) prompt logits (most of the
+    # memory of a forward on a large vocabulary with short answers) where the model supports it.
+    kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False,
+                **kwargs)
+    logits = out.logits[:, -(T + 1) : -1].float()
     targets = batch.input_ids[:, P:]
     # log softmax at the target only: logit[y] - logsumexp(logits), without a (B, T, V) log-prob tensor.
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

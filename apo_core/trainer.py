@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .engines import GenerationEngine
 from .distributed import gathered
 from .modeling import collate, is_peft, response_logprobs
 from .objectives import apo_loss, token_entropy
+from .optim import BF16StateAdamW
 from .rewards import RewardFn
 
 STATE_FILE = "trainer_state.pt"
@@ -91,6 +93,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+LARGE_MODEL_PARAMS = 100_000_000  # from here on the memory savings of "auto" are gigabytes
+
+
+def memory_plan(cfg: TrainConfig, n_params: int, n_trained: int) -> dict:
+    """How the trainer holds memory, "auto" settings resolved by model size: the optimizer
+    state's dtype (DeepSpeed: always its own fp32), activation checkpointing, and whether
+    freed tensors go back to the OS at once (a large model on CPU: glibc otherwise keeps
+    the freed blocks of one step's temporaries, gigabytes at 0.5B, in the process).
+
+    >>> memory_plan(TrainConfig(), n_params=494_000_000, n_trained=494_000_000)["optimizer_state_dtype"]
+    'bfloat16'
+    >>> memory_plan(TrainConfig(), n_params=1_000_000, n_trained=1_000_000)["gradient_checkpointing"]
+    False
+    """
+    large = n_params >= LARGE_MODEL_PARAMS
+    state = cfg.optimizer_state_dtype
+    if cfg.deepspeed is not None:
+        state = "float32"
+    elif state == "auto":
+        state = "bfloat16" if n_trained >= LARGE_MODEL_PARAMS else "float32"
+    ckpt = large if cfg.gradient_checkpointing == "auto" else bool(cfg.gradient_checkpointing)
+    in_backward = (state == "bfloat16" and cfg.optimizer_state_dtype == "auto") if cfg.update_in_backward == "auto" \
+        else bool(cfg.update_in_backward)
+    if in_backward and (state != "bfloat16" or cfg.deepspeed is not None):
+        raise ValueError("train.update_in_backward needs train.optimizer_state_dtype bfloat16 and no DeepSpeed")
+    return {"optimizer_state_dtype": state, "gradient_checkpointing": ckpt, "update_in_backward": in_backward,
+            "return_freed_memory": large}
+
+
+def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool:
+    """torch's fused AdamW takes floating-point parameters on CPU and CUDA."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `threshold` bytes or more with their own mappings (glibc mallopt
+    M_MMAP_THRESHOLD), so freeing a large tensor returns its memory instead of leaving a
+    reusable hole in the heap. False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class OnlineTrainer:
     def __init__(
         self,
@@ -104,12 +154,24 @@ class OnlineTrainer:
         self.policy, self.ref_policy, self.tokenizer = policy, ref_policy, tokenizer
         self.engine, self.reward_fn, self.cfg = engine, reward_fn, cfg
         self.device = next(policy.parameters()).device
-        self.optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad],
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay,
-        )
+        trained = [p for p in policy.parameters() if p.requires_grad]
+        self.memory = memory_plan(cfg, n_params=sum(p.numel() for p in policy.parameters()),
+                                  n_trained=sum(p.numel() for p in trained))
+        if self.memory["optimizer_state_dtype"] == "bfloat16":
+            self.optimizer = BF16StateAdamW(trained, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                            weight_decay=cfg.weight_decay, seed=cfg.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                trained, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                # one fused kernel per step: faster than the multi-tensor path, and without its temporaries
+                # the size of all the weights (a peak of several GB on a 0.5B model).
+                fused=_fused_adamw_ok(trained))
+        uses = Counter(id(p) for module in policy.modules() for p in module.parameters(recurse=False))
+        self._shared = {key for key, n in uses.items() if n > 1}  # ids of weights two modules use (tied)
+        if self.memory["gradient_checkpointing"]:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.memory["return_freed_memory"]:
+            return_freed_memory_to_os()
         self.rank, self.world_size = 0, 1
         self.ds = None  # the DeepSpeed engine wrapping the policy when cfg.deepspeed is set
         if cfg.deepspeed is not None:
@@ -207,6 +269,13 @@ class OnlineTrainer:
                     skipped += 1
                     continue
                 self.nonfinite_streak = 0
+            elif self.memory["update_in_backward"]:
+                metrics["grad_norm"] = self._update_in_backward(loss)
+                if not bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"])):
+                    self._skip_nonfinite()
+                    skipped += 1
+                    continue
+                self.nonfinite_streak = 0
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -216,6 +285,7 @@ class OnlineTrainer:
                     skipped += 1
                     continue
                 self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)  # gradients do not outlive the update (nor sit through the next rollout)
                 self.nonfinite_streak = 0
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -274,6 +344,41 @@ class OnlineTrainer:
                 path = self.save_checkpoint(checkpoint_dir, before_publish)
                 if on_checkpoint:
                     on_checkpoint(path)
+
+    def _update_in_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clipped AdamW without a full set of gradients: backward pass 1 keeps only each
+        weight's gradient norm (the gradient is dropped once counted); if loss and norm are
+        finite, pass 2 (the retained graph) updates each weight with the clipping coefficient as
+        soon as its gradient is final. A weight used by two modules (tied embeddings) gets its
+        gradient in two parts, so it is counted and updated after each pass instead. Returns
+        the global gradient norm before clipping, as clip_grad_norm_ does."""
+        trained = [p for p in self.policy.parameters() if p.requires_grad]
+        norms: list[torch.Tensor] = []
+
+        def count(p: torch.Tensor) -> None:
+            norms.append(torch.linalg.vector_norm(p.grad))
+            p.grad = None
+
+        def update(p: torch.Tensor) -> None:
+            self.optimizer.step_weight(p, p.grad, coef)
+            p.grad = None
+
+        for hook, retain in ((count, True), (update, False)):
+            handles = [p.register_post_accumulate_grad_hook(hook) for p in trained if id(p) not in self._shared]
+            try:
+                loss.backward(retain_graph=retain)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for p in trained:
+                if id(p) in self._shared and p.grad is not None:
+                    hook(p)
+            if hook is count:
+                norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+                if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                    return norm  # no update; the retained graph goes with `loss`
+                coef = float(torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0))  # clip_grad_norm_'s
+        return norm
 
     def _skip_nonfinite(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -208,7 +208,7 @@ def child_stage2(engine: str, s: dict) -> dict:
     engine_start_s = time.perf_counter() - start
     cfg = TrainConfig(steps=s["warmup"] + s["steps"], rollout_batch_size=s["rollout"], minibatch_size=s["minibatch"],
                       max_new_tokens=s["max_new_tokens"])
-    trainer = OnlineTrainer(model, reference_of(model), tok, gen, get_reward("embedded"), cfg)
+    trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, gen, get_reward("embedded"), cfg)
     prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, s["vstar"]) for r in _train_records(s["prompts"])]
     model.train()
     steps = []
@@ -256,7 +256,7 @@ def child_stage3(variant: str, model_dir: str, s: dict) -> dict:
     cfg = TrainConfig(steps=s["steps"], rollout_batch_size=s["rollout"], minibatch_size=s["rollout"],
                       max_new_tokens=s["max_new_tokens"])
     engine = TransformersEngine(policy, tok, autocast_bf16=False)
-    trainer = OnlineTrainer(policy, reference_of(policy), tok, engine, get_reward("embedded"), cfg)
+    trainer = OnlineTrainer(policy, reference_of(policy, cfg.reference_dtype), tok, engine, get_reward("embedded"), cfg)
     prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, 0.4) for r in _train_records(4 * s["rollout"])]
     policy.train()
     step_s = [trainer.train_step(trainer.batch_for_step(prompts, trainer.step))[0]["time/step_s"] for _ in range(s["steps"])]

@@ -250,7 +250,7 @@ def run_apo_core(spec: dict) -> dict:
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths
     cfg = TrainConfig(steps=steps, rollout_batch_size=P, minibatch_size=P, lr=spec["lr"], beta2=spec["beta2"],
                       max_new_tokens=mnt, seed=spec["seed"])
-    trainer = OnlineTrainer(model, reference_of(model), tok, engine, reward, cfg)
+    trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
     tokens = sum(r["n_tokens"] for r in rows)
     stop = False
@@ -443,7 +443,7 @@ def run_gpu_step(spec: dict) -> dict:
         kwargs = dict(gpu_memory_utilization=0.3, max_model_len=256 + mnt) if vllm else dict(batch_size=512, autocast_bf16=False)
         engine = make_engine("vllm" if vllm else "transformers", model, tok, **kwargs)
         cfg = TrainConfig(steps=total, rollout_batch_size=P, minibatch_size=P, max_new_tokens=mnt, lr=1e-6)
-        trainer = OnlineTrainer(model, reference_of(model), tok, engine, get_reward("embedded"), cfg)
+        trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, get_reward("embedded"), cfg)
         prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, 0.5) for r in train]
         model.train()
         trainer._sync_engine()
@@ -534,8 +534,8 @@ def run_scaling(spec: dict) -> dict:
         v_of = {r["prompt_id"]: r["vstar"] for r in aggregate_vstar([r["prompt_id"] for r in rows], [r["reward"] for r in rows], 0.5)}
         prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in recs]
         total = spec["warmup"] + spec["steps"]
-        trainer = OnlineTrainer(model, reference_of(model), tok, engine, reward,
-                                TrainConfig(steps=total, rollout_batch_size=P, minibatch_size=P, max_new_tokens=mnt, seed=0))
+        cfg = TrainConfig(steps=total, rollout_batch_size=P, minibatch_size=P, max_new_tokens=mnt, seed=0)
+        trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
         model.train()
         times = []
         for _ in range(total):
@@ -699,8 +699,9 @@ def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
                            "path": model_dir}, log_dir, "memory-save-model")
         out = {"model": {"params": saved["params"], "shape": m["shape"]}}
         for method in methods:
+            # the training prompts are exactly those of the measured steps (stage 1 samples each N times)
             spec = {**base, "model": model_dir, "method": method, "mode": "memory", "seed": 0, "score": False,
-                    "steps": m["steps"], "prompts_per_step": m["prompts_per_step"], "max_new_tokens": m["max_new_tokens"],
+                    "train": m["steps"] * m["prompts_per_step"], "test": 1, "steps": m["steps"], "prompts_per_step": m["prompts_per_step"], "max_new_tokens": m["max_new_tokens"],
                     "lr": 1e-6, "beta2": 1e-3, "passes": 1}  # lr / beta2: the documented defaults of apo's paper config and TRL
             r = run_child(spec, log_dir, f"memory-{method}")
             out[method] = {k: r[k] for k in ("peak_rss_mb", "peak_rss_tree_mb", "wall_s", "steps")}

@@ -52,7 +52,7 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
     if cfg.train.lora:
         lora = cfg.train.lora
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, seed=cfg.train.seed)
-    trainer = OnlineTrainer(model, reference_of(model), tokenizer, engine_for(cfg, "train_online", model, tokenizer),
+    trainer = OnlineTrainer(model, reference_of(model, cfg.train.reference_dtype), tokenizer, engine_for(cfg, "train_online", model, tokenizer),
                             get_reward(cfg.reward_name), cfg.train)
     history: list[dict] = []
     samples: list[dict] = []

@@ -98,6 +98,83 @@ def test_response_logprobs_ignore_left_and_right_padding(tiny_model_dir):
             assert torch.all(together[i, n:] == 0)
 
 
+def test_response_logprobs_match_the_full_logits(tiny_model_dir):
+    """Asking the model for the response block's logits only gives the log-softmax of the full logits."""
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    batch = collate([tok.encode("1+2=?\n"), tok.encode("12+34-56=?\n")],
+                    [tok.encode("#### 3") + [tok.eos_token_id], tok.encode("#### 7")], tok.pad_token_id)
+    with torch.no_grad():
+        logp = response_logprobs(model, batch)
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0)).logits.log_softmax(-1)
+    P = batch.prompt_len
+    expected = full[:, P - 1 : -1].gather(-1, batch.input_ids[:, P:, None]).squeeze(-1) * batch.response_mask
+    assert full.shape[1] == batch.input_ids.shape[1]
+    assert torch.allclose(logp, expected, atol=1e-5)
+
+
+def test_reference_stored_in_bfloat16_halves_its_matrices_and_keeps_the_scores(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    policy_before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact, narrow = reference_of(model), reference_of(model, "bfloat16")
+    assert reference_of(model, "model").state_dict().keys() == exact.state_dict().keys()
+
+    def stored_bytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    # every matrix narrowed, the norms and biases not: well under 60% of the exact copy
+    assert stored_bytes(narrow) < 0.6 * stored_bytes(exact)
+    assert {p.dtype for n, p in narrow.named_parameters() if n.endswith("original")} == {torch.bfloat16}
+    if model.config.tie_word_embeddings:  # the tied matrix stays one tensor in the copy
+        assert narrow.lm_head.parametrizations.weight.original is narrow.model.embed_tokens.parametrizations.weight.original
+    assert not any(p.requires_grad for p in narrow.parameters())
+    batch = collate([tok.encode("12+34-56=?\n")], [tok.encode("#### 7") + [tok.eos_token_id]], tok.pad_token_id)
+    with torch.no_grad():
+        a, b = response_logprobs(exact, batch), response_logprobs(narrow, batch)
+    assert b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.1  # rounded weights, fp32 arithmetic
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in policy_before.items())  # the policy untouched
+
+
+def test_optimizer_is_fused_adamw_on_cpu(tiny_model_dir):
+    trainer = make_trainer(tiny_model_dir)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"] is True
+
+
+def test_update_in_backward_matches_the_usual_clipped_update(tiny_model_dir, tmp_path):
+    """The two-pass update (gradient norm, then each weight updated as its gradient is final)
+    trains to the same weights as backward + clip_grad_norm_ + step, clipping active."""
+    runs = {}
+    for in_backward in (False, True):
+        trainer = make_trainer(tiny_model_dir, steps=3, grad_clip=1e-4, beta2=0.1, optimizer_state_dtype="bfloat16",
+                               update_in_backward=in_backward)
+        assert trainer.memory["update_in_backward"] is in_backward
+        history = []
+        trainer.train(PROMPTS, tmp_path / str(in_backward), on_step=lambda s, m, _: history.append(m))
+        runs[in_backward] = (trainer, history)
+    (plain, h0), (fused, h1) = runs[False], runs[True]
+    assert plain.policy.config.tie_word_embeddings and fused._shared  # the tied matrix takes the deferred path
+    assert all(m["train/grad_norm"] > 1e-4 for m in h0)  # clipping did act
+    assert [m["train/grad_norm"] for m in h1] == pytest.approx([m["train/grad_norm"] for m in h0], rel=1e-4)
+    for (k, a), b in zip(plain.policy.state_dict().items(), fused.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert all(p.grad is None for p in fused.policy.parameters())  # no gradient outlives its update
+
+
+def test_memory_plan_auto_by_model_size():
+    from apo_core.trainer import memory_plan
+
+    big, small = dict(n_params=500_000_000, n_trained=500_000_000), dict(n_params=1_000_000, n_trained=1_000_000)
+    assert memory_plan(TrainConfig(), **big) == {"optimizer_state_dtype": "bfloat16", "gradient_checkpointing": True,
+                                                 "update_in_backward": True, "return_freed_memory": True}
+    assert memory_plan(TrainConfig(), **small) == {"optimizer_state_dtype": "float32", "gradient_checkpointing": False,
+                                                   "update_in_backward": False, "return_freed_memory": False}
+    # LoRA on a large model: the adapter's optimizer state is small, fp32; checkpointing still pays
+    lora = memory_plan(TrainConfig(), n_params=500_000_000, n_trained=2_000_000)
+    assert lora["optimizer_state_dtype"] == "float32" and lora["gradient_checkpointing"] and not lora["update_in_backward"]
+    with pytest.raises(ValueError, match="update_in_backward needs"):
+        memory_plan(TrainConfig(update_in_backward=True, optimizer_state_dtype="float32"), **small)
+
+
 def _lora_params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
