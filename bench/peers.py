@@ -70,8 +70,8 @@ TINY_SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hi
 
 SIZES = {
     # sized for about an hour on 2 cores (a TRL GRPO step of 64 prompts x 8 generations takes ~7 s there)
-    "full": dict(train=512, test=500, n_ref=8, max_new_tokens=64, prompts_per_step=64, passes=2,
-                 race_budget_s=180.0, eval_every_s=15.0, seeds=[0, 1, 2],
+    "full": dict(train=512, test=500, n_ref=8, max_new_tokens=64, prompts_per_step=64, passes=4,
+                 race_budget_s=150.0, eval_every_s=15.0, seeds=[0, 1, 2],
                  lr={"apo": [1e-4, 3e-4], "trl_grpo": [1e-4, 3e-4], "trl_a2po": [1e-4, 3e-4]}, beta2=[1e-3, 0.1],
                  memory=dict(shape=QWEN25_05B, steps=2, prompts_per_step=8, max_new_tokens=16),
                  overhead=dict(train=1024, test=500),
