@@ -249,7 +249,7 @@ def run_apo_core(spec: dict) -> dict:
     prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train]
     stage1_s = clock.elapsed()
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths
-    cfg = TrainConfig(steps=steps, rollout_batch_size=P, minibatch_size=P, lr=spec["lr"], beta2=spec["beta2"],
+    cfg = TrainConfig(steps=steps, rollout_batch_size=P, minibatch_size=spec.get("minibatch") or P, lr=spec["lr"], beta2=spec["beta2"],
                       max_new_tokens=mnt, seed=spec["seed"])
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
@@ -296,7 +296,7 @@ def _pipeline_overrides(spec: dict, root: Path, run_id: str, steps: int) -> list
     sets = {"run_id": run_id, "artifact_root": str(root), "data.train_size": spec["train"], "data.test_size": spec["test"],
             "reference.n_samples": spec["n_ref"], "reference.max_new_tokens": mnt, "reference.seed": 1234 + spec["seed"],
             "train.max_new_tokens": mnt, "eval.max_new_tokens": mnt, "train.steps": steps,
-            "train.rollout_batch_size": P, "train.minibatch_size": P, "train.lr": spec["lr"], "train.beta2": spec["beta2"],
+            "train.rollout_batch_size": P, "train.minibatch_size": spec.get("minibatch") or P, "train.lr": spec["lr"], "train.beta2": spec["beta2"],
             "train.seed": spec["seed"], "generation.engine": "transformers", "generation.autocast_bf16": False,
             "model.num_threads": spec["threads"], "eval.evaluate_reference": False}
     return [f"{k}={v}" for k, v in sets.items()]
@@ -635,13 +635,19 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return next((p["t_s"] for p in curve if p["accuracy"] >= target - 1e-9), None)
 
 
-def _sweep(method: str, lrs: dict, beta2s: list[float]) -> list[dict]:
+def _sweep(method: str, lrs: dict, beta2s: list[float], minibatches: list[int] | None = None) -> list[dict]:
+    """Sweep points: lr x beta2 (apo and A2PO) x apo's minibatch size (when given: optimizer
+    steps per rollout step = prompts per step / minibatch)."""
     b2 = beta2s if method in ("apo", "trl_a2po") else [None]
-    return [{"lr": lr, "beta2": b} for lr in lrs[method] for b in b2]
+    points = [{"lr": lr, "beta2": b} for lr in lrs[method] for b in b2]
+    if method == "apo" and minibatches:
+        points = [{**p, "minibatch": m} for p in points for m in minibatches]
+    return points
 
 
 def _tag(method: str, point: dict, seed: int | None = None) -> str:
     tag = f"{method}-lr{point['lr']:g}" + (f"-b2{point['beta2']:g}" if point["beta2"] is not None else "")
+    tag += f"-mb{point['minibatch']}" if point.get("minibatch") else ""
     return tag + (f"-s{seed}" if seed is not None else "")
 
 
@@ -649,13 +655,15 @@ def measure_paper(methods, s: dict, base: dict, log_dir: Path) -> dict:
     out = {}
     for method in methods:
         runs = []
-        for point in _sweep(method, s["lr"], s["beta2"]):
+        for point in _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo")):
             spec = {**base, **point, "method": method, "mode": "paper", "seed": s["seeds"][0], "score": True,
                     "passes": s["passes"], "beta2": point["beta2"] or 0.0}
             runs.append({**point, **run_child(spec, log_dir, "paper-" + _tag(method, point))})
         best = max(runs, key=lambda r: (r["final_accuracy"], -r["wall_s"]))
         out[method] = {k: best[k] for k in ("wall_s", "final_accuracy", "peak_rss_mb", "kl", "generated_tokens",
                                             "reference_accuracy", "peak_rss_tree_mb", "lr", "beta2", "steps")}
+        if best.get("minibatch"):
+            out[method]["minibatch"] = best["minibatch"]
         if "pipeline" in best:
             out[method]["pipeline"] = best["pipeline"]
         out[method]["sweep"] = runs
@@ -668,9 +676,9 @@ def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None
     out = {}
     for method in methods:
         points = []
-        sweep = _sweep(method, s["lr"], s["beta2"])
+        sweep = _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"))
         if paper and method in paper:
-            sweep = [{"lr": paper[method]["lr"], "beta2": paper[method]["beta2"]}]
+            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch") if k in paper[method]}]
         for point in sweep:
             seeds = []
             for seed in s["seeds"]:
@@ -845,6 +853,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(f"--lr-{method.replace('_', '-')}", type=_floats, default=None,
                         help=f"learning rates swept for {method} (comma list)")
     ap.add_argument("--beta2", type=_floats, default=None, help="beta2 values swept for apo and trl_a2po (comma list)")
+    ap.add_argument("--minibatch-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                    help="apo's minibatch sizes swept (comma list; default: one update per rollout step)")
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
     ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
@@ -869,7 +879,7 @@ def main(argv: list[str] | None = None) -> None:
         given = getattr(args, f"lr_{method}")
         if given:
             s["lr"][method] = given
-    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s"):
+    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     modes = [m for m in args.modes.split(",") if m]

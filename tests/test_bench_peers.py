@@ -146,3 +146,14 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert apo["steps_timed"] == gpu["steps"] == 2 and apo["step_s"] > 0
     assert apo["engine"] == "transformers" and apo["device"] == "cpu" and apo["peak_gpu_mb"] is None
     assert apo["peak_rss_mb"] > 100
+
+
+def test_sweep_points_and_tags():
+    peers = _peers()
+    lrs = {"apo": [1e-4], "trl_grpo": [1e-4, 3e-4], "trl_a2po": [1e-4]}
+    assert peers._sweep("trl_grpo", lrs, [1e-3, 0.1]) == [{"lr": 1e-4, "beta2": None}, {"lr": 3e-4, "beta2": None}]
+    assert peers._sweep("trl_a2po", lrs, [1e-3, 0.1], [16]) == [{"lr": 1e-4, "beta2": 1e-3}, {"lr": 1e-4, "beta2": 0.1}]
+    apo = peers._sweep("apo", lrs, [1e-3], [16, 64])  # the minibatch sweep is apo's alone
+    assert apo == [{"lr": 1e-4, "beta2": 1e-3, "minibatch": 16}, {"lr": 1e-4, "beta2": 1e-3, "minibatch": 64}]
+    assert [peers._tag("apo", p, 0) for p in apo] == ["apo-lr0.0001-b20.001-mb16-s0", "apo-lr0.0001-b20.001-mb64-s0"]
+    assert peers._tag("trl_grpo", {"lr": 3e-4, "beta2": None}) == "trl_grpo-lr0.0003"
