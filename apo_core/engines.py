@@ -24,6 +24,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from .decoding import decode
+
 
 @dataclass
 class Completion:
@@ -97,7 +99,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class TransformersEngine(_PromptTokens):
-    """Batched `model.generate` with left padding; prompts sorted by length to cut padding."""
+    """Batched decoding on the policy module with left padding; prompts sorted by length to cut
+    padding.
+
+    The loop is `decode` below, not transformers' `generate`: on small models generate's
+    per-token bookkeeping (logits processors, stopping criteria, cache-position and mask
+    rebuilding) cost ~40% of the sampling time (bench: 64 prompts x 44 tokens on the embedded
+    model, 0.69 s generate vs 0.43 s for the same forwards in a plain loop). `decode` draws the
+    same tokens as `generate(do_sample=True, top_k=0)` for the same seed (a test checks it)."""
 
     name = "transformers"
 
@@ -126,7 +135,6 @@ class TransformersEngine(_PromptTokens):
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
         try:
             for chunk_idx, start in enumerate(range(0, len(order), self.batch_size)):
                 rows = order[start : start + self.batch_size]
@@ -140,15 +148,9 @@ class TransformersEngine(_PromptTokens):
                     input_ids[j, width - len(ids[i]) :] = torch.as_tensor(ids[i])
                     attention[j, width - len(ids[i]) :] = 1
                 with self._autocast():
-                    out = self.model.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention.to(device),
-                        max_new_tokens=max_new_tokens,
-                        eos_token_id=eos,
-                        pad_token_id=pad,
-                        **sampling,
-                    )
-                new_tokens = out[:, width:].tolist()  # one device sync per chunk
+                    out = decode(self.model, input_ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad, temperature=temperature, top_p=top_p)
+                new_tokens = out.tolist()  # one device sync per chunk
                 for j, i in enumerate(rows):
                     results[i] = self._completion(new_tokens[j], eos)
         finally:

@@ -191,7 +191,7 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
     return TokenBatch(input_ids, attention, attention[:, P:].clone())
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any PEFT / DeepSpeed wrapper takes `logits_to_keep` (transformers' LMs do)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
     if isinstance(inner, AdapterDisabled):
@@ -212,7 +212,7 @@ def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
     # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2,
     # the last T+1 columns. Asking for only those skips the (B, P, V) prompt logits (most of the
     # memory of a forward on a large vocabulary with short answers) where the model supports it.
-    kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False,
                 **kwargs)
     logits = out.logits[:, -(T + 1) : -1].float()

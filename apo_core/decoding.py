@@ -1,0 +1,198 @@
+"""Batched sampling loops for TransformersEngine: a KV-cached decoder for Llama-family models
+(Qwen2, Llama) and a plain loop over any causal LM's forward for everything else.
+
+Why not transformers' `generate`: at the sizes this runs on CPUs, a decode step is dominated by
+per-token framework work (mask and cache-position rebuilding, cache concatenation, module
+dispatch), not by the matrix products. `KVDecoder` keeps the cache in preallocated tensors and
+runs each layer as a few tensor ops on the model's own modules; on the embedded model (64
+prompts x 44 tokens, 2 threads) it samples in ~0.6x of the plain loop's time. Every path draws
+the same tokens as `generate(do_sample=True, top_k=0)` for the same seed (tests check it), so the
+choice changes speed, not samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .modeling import accepts_logits_to_keep, is_peft
+
+log = logging.getLogger(__name__)
+KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
+
+
+def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
+    """One token per row from the last position's logits: (B, V) -> (B,). temperature 0 is
+    greedy; top_p < 1 samples from the smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, index = probs.sort(dim=-1, descending=True)
+        # drop a token when the ones ranked above it already reach top_p (the top one always stays)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, index, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def left_pad_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids of a left-padded batch: a row's first real token is 0; pads get 1 (as
+    `generate` gives them; they are masked, so the value does not matter). (B, P) -> (B, P)."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+def decode(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float,
+    top_p: float = 1.0,
+    kv_decoder: bool = True,
+) -> Tensor:
+    """Sample up to max_new_tokens per row of a left-padded batch. input_ids, attention_mask:
+    (B, P) -> new tokens (B, T <= max_new_tokens), `pad_token_id` after a row's EOS. Uses
+    `KVDecoder` where the model supports it (and `kv_decoder`), else the model's own forward
+    with its KV cache; any transformers causal LM works (PEFT- or DeepSpeed-wrapped too)."""
+    fast = KVDecoder.of(model) if kv_decoder else None
+    step = fast.step_fn(input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if fast else _forward_step(model)
+    B, device = input_ids.shape[0], input_ids.device
+    positions = left_pad_positions(attention_mask)
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, mask = input_ids, attention_mask
+    one = torch.ones((B, 1), dtype=attention_mask.dtype, device=device)
+    t = 0
+    for t in range(max_new_tokens):
+        token = next_tokens(step(step_ids, positions, mask), temperature, top_p).masked_fill(finished, pad_token_id)
+        out[:, t] = token
+        finished |= token == eos_token_id
+        if bool(finished.all()):  # a device sync per token, as generate's stopping check
+            break
+        if t + 1 < max_new_tokens:
+            step_ids, positions, mask = token[:, None], positions[:, -1:] + 1, torch.cat([mask, one], dim=1)
+    return out[:, : t + 1]
+
+
+def _forward_step(model):
+    """Next-token logits (B, V) from the model's forward, carrying its KV cache between calls.
+    Each call takes the new tokens and positions and the attention mask of everything so far."""
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    past = None
+
+    def step(ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        nonlocal past
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, **keep)
+        past = out.past_key_values
+        return out.logits[:, -1]
+
+    return step
+
+
+def _rms_norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
+    """Llama/Qwen2 RMSNorm, computed as their modules do (in fp32, weight applied after the cast back)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on (B, heads, S, D) with cos/sin (B, 1, S, D): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class KVDecoder:
+    """Incremental forward of a Llama-family causal LM (embedding, pre-norm attention with RoPE
+    and grouped KV heads, gated MLP, final norm, LM head) over a preallocated KV cache.
+
+    It calls the model's own projection, activation and embedding modules, so LoRA adapters
+    apply and the weights are always the current ones; only the glue (norms, RoPE, cache,
+    masking, attention) is written here. Notation: B rows, P prompt width, S positions in the
+    cache so far, H query heads, K key/value heads, D head dim."""
+
+    def __init__(self, lm) -> None:
+        self.lm = lm
+        c = lm.config
+        self.H, self.K = c.num_attention_heads, c.num_key_value_heads
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        rotary = lm.model.rotary_emb
+        self.inv_freq, self.rope_scale = rotary.inv_freq, rotary.attention_scaling
+
+    @classmethod
+    def of(cls, model) -> "KVDecoder | None":
+        """A decoder for `model` (unwrapping DeepSpeed and PEFT), or None where its architecture
+        or settings are not the plain Llama family this implements (the caller falls back)."""
+        lm = getattr(model, "module", model)  # DeepSpeed engine
+        if is_peft(lm):
+            lm = lm.get_base_model()
+        c = getattr(lm, "config", None)
+        if c is None or getattr(c, "model_type", None) not in KV_DECODER_MODEL_TYPES:
+            return None
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            return None  # scaled RoPE variants: use the model's own forward
+        if getattr(c, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(c, "layer_types", None) or []):
+            return None
+        if getattr(c, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+            return None
+        inner = getattr(lm, "model", None)
+        if inner is None or not hasattr(getattr(inner, "rotary_emb", None), "inv_freq") or not hasattr(lm, "lm_head"):
+            return None
+        return cls(lm)
+
+    def step_fn(self, B: int, capacity: int):
+        """A step function for `decode`: (ids (B, S_new), positions (B, S_new), mask (B, S)) ->
+        next-token logits (B, V); the cache holds `capacity` positions per row."""
+        weight = self.lm.model.embed_tokens.weight
+        layers = self.lm.model.layers
+        shape = (B, self.K, capacity, self.D)
+        keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in layers]
+        values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in layers]
+        filled = 0
+
+        def step(ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+            nonlocal filled
+            S_new, S = ids.shape[1], mask.shape[1]
+            valid = mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys a row may see
+            if S_new > 1:  # prompt: causal within the new block; pad queries see themselves (no empty rows, no NaN)
+                query_at = torch.arange(S - S_new, S, device=ids.device)[:, None]
+                key_at = torch.arange(S, device=ids.device)[None, :]
+                attend = (valid & (key_at <= query_at)) | (key_at == query_at)
+            else:
+                attend = valid
+            logits = self._forward(ids, positions, attend, keys, values, filled)
+            filled += S_new
+            return logits
+
+        return step
+
+    def _forward(self, ids: Tensor, positions: Tensor, attend: Tensor, keys, values, start: int) -> Tensor:
+        B, S_new = ids.shape
+        H, K, D = self.H, self.K, self.D
+        end = start + S_new
+        x = self.lm.model.embed_tokens(ids)
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, S_new, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None]
+        for i, layer in enumerate(self.lm.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            h = _rms_norm(layer.input_layernorm, x)
+            q = _rotate(a.q_proj(h).view(B, S_new, H, D).transpose(1, 2), cos, sin)
+            keys[i][:, :, start:end] = _rotate(a.k_proj(h).view(B, S_new, K, D).transpose(1, 2), cos, sin)
+            values[i][:, :, start:end] = a.v_proj(h).view(B, S_new, K, D).transpose(1, 2)
+            # softmax(q k^T / sqrt(D)) v over the cache so far; K key heads shared by H/K query heads each
+            att = F.scaled_dot_product_attention(q, keys[i][:, :, :end], values[i][:, :, :end], attn_mask=attend,
+                                                 enable_gqa=H != K)
+            x = x + a.o_proj(att.transpose(1, 2).reshape(B, S_new, H * D))
+            h = _rms_norm(layer.post_attention_layernorm, x)
+            x = x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
+        return self.lm.lm_head(_rms_norm(self.lm.model.norm, x[:, -1]))
