@@ -1,6 +1,6 @@
 """Generation behind one interface, so stages do not care which backend samples.
 
-`TransformersEngine` runs batched `generate` on the policy module itself (no weight copy:
+`TransformersEngine` decodes batches on the policy module itself (no weight copy:
 on-policy samples always come from the current weights). `VLLMEngine` serves the same model
 from one live in-process vLLM engine per process; `update_weights` pushes the torch model's
 current weights into it (the trainer calls it after every rollout step's updates).
@@ -100,13 +100,8 @@ def cpu_has_fast_bf16() -> bool:
 
 class TransformersEngine(_PromptTokens):
     """Batched decoding on the policy module with left padding; prompts sorted by length to cut
-    padding.
-
-    The loop is `decode` below, not transformers' `generate`: on small models generate's
-    per-token bookkeeping (logits processors, stopping criteria, cache-position and mask
-    rebuilding) cost ~40% of the sampling time (bench: 64 prompts x 44 tokens on the embedded
-    model, 0.69 s generate vs 0.43 s for the same forwards in a plain loop). `decode` draws the
-    same tokens as `generate(do_sample=True, top_k=0)` for the same seed (a test checks it)."""
+    padding. The loop is `apo_core.decoding.decode` (a KV-cached decoder for Llama-family
+    models), not transformers' `generate`: that module says why."""
 
     name = "transformers"
 

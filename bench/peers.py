@@ -246,7 +246,9 @@ def run_apo_core(spec: dict) -> dict:
                             max_new_tokens=mnt, seed=1234 + spec["seed"])
     table = aggregate_vstar([r["prompt_id"] for r in rows], [r["reward"] for r in rows], 0.5)
     v_of = {row["prompt_id"]: row["vstar"] for row in table}
-    prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train]
+    # vstar.filter_all_zero: drop the prompts none of whose N reference samples was right (V* = 0)
+    kept = {row["prompt_id"] for row in table if row["pass_at_n"] > 0 or not spec.get("filter")}
+    prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train if r.prompt_id in kept]
     stage1_s = clock.elapsed()
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths
     cfg = TrainConfig(steps=steps, rollout_batch_size=P, minibatch_size=spec.get("minibatch") or P, lr=spec["lr"], beta2=spec["beta2"],
@@ -260,7 +262,8 @@ def run_apo_core(spec: dict) -> dict:
         tokens += metrics["rollout/response_tokens_mean"] * P
         stop = scorer.after_step(trainer.step) if spec["score"] else False
     wall = clock.elapsed()
-    out = {"wall_s": wall, "stage1_s": stage1_s, "steps": trainer.step, "generated_tokens": int(round(tokens))}
+    out = {"wall_s": wall, "stage1_s": stage1_s, "steps": trainer.step, "generated_tokens": int(round(tokens)),
+           "train_prompts": len(prompts)}
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(trainer.step), reference_accuracy=reference_accuracy,
                    curve=scorer.points, eval_s=scorer.eval_seconds,
@@ -298,7 +301,8 @@ def _pipeline_overrides(spec: dict, root: Path, run_id: str, steps: int) -> list
             "train.max_new_tokens": mnt, "eval.max_new_tokens": mnt, "train.steps": steps,
             "train.rollout_batch_size": P, "train.minibatch_size": spec.get("minibatch") or P, "train.lr": spec["lr"], "train.beta2": spec["beta2"],
             "train.seed": spec["seed"], "generation.engine": "transformers", "generation.autocast_bf16": False,
-            "model.num_threads": spec["threads"], "eval.evaluate_reference": False}
+            "model.num_threads": spec["threads"], "eval.evaluate_reference": False,
+            "vstar.filter_all_zero": bool(spec.get("filter"))}
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -635,19 +639,24 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return next((p["t_s"] for p in curve if p["accuracy"] >= target - 1e-9), None)
 
 
-def _sweep(method: str, lrs: dict, beta2s: list[float], minibatches: list[int] | None = None) -> list[dict]:
+def _sweep(method: str, lrs: dict, beta2s: list[float], minibatches: list[int] | None = None,
+           filters: list[int] | None = None) -> list[dict]:
     """Sweep points: lr x beta2 (apo and A2PO) x apo's minibatch size (when given: optimizer
-    steps per rollout step = prompts per step / minibatch)."""
+    steps per rollout step = prompts per step / minibatch) x apo's vstar.filter_all_zero (when
+    given: 0 keeps every prompt, 1 drops those whose N reference rewards are all 0)."""
     b2 = beta2s if method in ("apo", "trl_a2po") else [None]
     points = [{"lr": lr, "beta2": b} for lr in lrs[method] for b in b2]
     if method == "apo" and minibatches:
         points = [{**p, "minibatch": m} for p in points for m in minibatches]
+    if method == "apo" and filters:
+        points = [{**p, "filter": f} for p in points for f in filters]
     return points
 
 
 def _tag(method: str, point: dict, seed: int | None = None) -> str:
     tag = f"{method}-lr{point['lr']:g}" + (f"-b2{point['beta2']:g}" if point["beta2"] is not None else "")
     tag += f"-mb{point['minibatch']}" if point.get("minibatch") else ""
+    tag += "-filter" if point.get("filter") else ""
     return tag + (f"-s{seed}" if seed is not None else "")
 
 
@@ -655,15 +664,16 @@ def measure_paper(methods, s: dict, base: dict, log_dir: Path) -> dict:
     out = {}
     for method in methods:
         runs = []
-        for point in _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo")):
+        for point in _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo")):
             spec = {**base, **point, "method": method, "mode": "paper", "seed": s["seeds"][0], "score": True,
                     "passes": s["passes"], "beta2": point["beta2"] or 0.0}
             runs.append({**point, **run_child(spec, log_dir, "paper-" + _tag(method, point))})
         best = max(runs, key=lambda r: (r["final_accuracy"], -r["wall_s"]))
         out[method] = {k: best[k] for k in ("wall_s", "final_accuracy", "peak_rss_mb", "kl", "generated_tokens",
                                             "reference_accuracy", "peak_rss_tree_mb", "lr", "beta2", "steps")}
-        if best.get("minibatch"):
-            out[method]["minibatch"] = best["minibatch"]
+        for key in ("minibatch", "filter"):
+            if best.get(key):
+                out[method][key] = best[key]
         if "pipeline" in best:
             out[method]["pipeline"] = best["pipeline"]
         out[method]["sweep"] = runs
@@ -676,9 +686,9 @@ def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None
     out = {}
     for method in methods:
         points = []
-        sweep = _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"))
+        sweep = _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo"))
         if paper and method in paper:
-            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch") if k in paper[method]}]
+            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch", "filter") if k in paper[method]}]
         for point in sweep:
             seeds = []
             for seed in s["seeds"]:
@@ -750,6 +760,11 @@ def measure_overhead(s: dict, base: dict, log_dir: Path) -> dict:
         env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{work}/prefect/prefect.db",
                "OMP_NUM_THREADS": str(base["threads"])}
+        # `make venv` creates and migrates Prefect's database once; do the same here, timed apart
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"], env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        setup_s = time.perf_counter() - t0
         print("  overhead (apo run) ...", end=" ", flush=True)
         t0 = time.perf_counter()
         with (log_dir / "overhead.log").open("w") as stream:
@@ -759,7 +774,7 @@ def measure_overhead(s: dict, base: dict, log_dir: Path) -> dict:
             sys.exit(f"\npeers: `apo run` failed (exit {code}); see {log_dir / 'overhead.log'}")
         print(f"{wall:.0f}s", flush=True)
         summary = json.loads((work / "overhead" / "summary.json").read_text())
-        return {**pipeline_overhead(summary, wall), "command": " ".join(cmd[1:])}
+        return {**pipeline_overhead(summary, wall), "command": " ".join(cmd[1:]), "prefect_db_setup_s": round(setup_s, 3)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -855,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beta2", type=_floats, default=None, help="beta2 values swept for apo and trl_a2po (comma list)")
     ap.add_argument("--minibatch-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
                     help="apo's minibatch sizes swept (comma list; default: one update per rollout step)")
+    ap.add_argument("--filter-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                    help="apo's vstar.filter_all_zero values swept (comma list of 0/1; default: off)")
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
     ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
@@ -879,7 +896,7 @@ def main(argv: list[str] | None = None) -> None:
         given = getattr(args, f"lr_{method}")
         if given:
             s["lr"][method] = given
-    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo"):
+    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo", "filter_apo"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     modes = [m for m in args.modes.split(",") if m]
