@@ -12,15 +12,12 @@ not torch.multinomial), and both paths draw the same tokens for the same seed (t
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .modeling import accepts_logits_to_keep, is_peft
 
-log = logging.getLogger(__name__)
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
 
 

@@ -157,3 +157,8 @@ def test_sweep_points_and_tags():
     assert apo == [{"lr": 1e-4, "beta2": 1e-3, "minibatch": 16}, {"lr": 1e-4, "beta2": 1e-3, "minibatch": 64}]
     assert [peers._tag("apo", p, 0) for p in apo] == ["apo-lr0.0001-b20.001-mb16-s0", "apo-lr0.0001-b20.001-mb64-s0"]
     assert peers._tag("trl_grpo", {"lr": 3e-4, "beta2": None}) == "trl_grpo-lr0.0003"
+    # the V* filter is apo's alone too, crossed with the rest
+    filtered = peers._sweep("apo", lrs, [1e-3], None, [0, 1])
+    assert filtered == [{"lr": 1e-4, "beta2": 1e-3, "filter": 0}, {"lr": 1e-4, "beta2": 1e-3, "filter": 1}]
+    assert [peers._tag("apo", p) for p in filtered] == ["apo-lr0.0001-b20.001", "apo-lr0.0001-b20.001-filter"]
+    assert peers._sweep("trl_a2po", lrs, [1e-3], None, [0, 1]) == [{"lr": 1e-4, "beta2": 1e-3}]
