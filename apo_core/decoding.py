@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .modeling import accepts_logits_to_keep, is_peft
+from .modeling import accepts_logits_to_keep, is_peft, left_pad_positions
 
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
 
@@ -36,12 +36,6 @@ def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tenso
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def left_pad_positions(attention_mask: Tensor) -> Tensor:
-    """Position ids of a left-padded batch: a row's first real token is 0; pads get 1 (as
-    `generate` gives them; they are masked, so the value does not matter). (B, P) -> (B, P)."""
-    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def decode(

@@ -191,6 +191,12 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
     return TokenBatch(input_ids, attention, attention[:, P:].clone())
 
 
+def left_pad_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids of a left-padded batch: a row's first real token is 0; pads get 1 (as
+    `generate` gives them; they are masked, so the value does not matter). (B, P) -> (B, P)."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any PEFT / DeepSpeed wrapper takes `logits_to_keep` (transformers' LMs do)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
@@ -207,7 +213,7 @@ def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
     Position ids follow the attention mask, so left padding does not shift positions and the
     scores match what generation saw.
     """
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    position_ids = left_pad_positions(batch.attention_mask)
     P, T = batch.prompt_len, batch.response_mask.shape[1]
     # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2,
     # the last T+1 columns. Asking for only those skips the (B, P, V) prompt logits (most of the
