@@ -250,9 +250,10 @@ def run_apo_core(spec: dict) -> dict:
     kept = {row["prompt_id"] for row in table if row["pass_at_n"] > 0 or not spec.get("filter")}
     prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train if r.prompt_id in kept]
     stage1_s = clock.elapsed()
-    # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths
-    cfg = TrainConfig(steps=steps, rollout_batch_size=P, minibatch_size=spec.get("minibatch") or P, lr=spec["lr"], beta2=spec["beta2"],
-                      max_new_tokens=mnt, seed=spec["seed"])
+    # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths (and any
+    # other TrainConfig field in spec["train_config"]: bench/apo_seeds.py)
+    cfg = TrainConfig(**{"steps": steps, "rollout_batch_size": P, "minibatch_size": spec.get("minibatch") or P, "lr": spec["lr"],
+                         "beta2": spec["beta2"], "max_new_tokens": mnt, "seed": spec["seed"], **spec.get("train_config", {})})
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
     tokens = sum(r["n_tokens"] for r in rows)

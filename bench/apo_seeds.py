@@ -1,0 +1,96 @@
+"""apo's `paper` accuracy over seeds: is the gap to TRL GRPO the seed, the settings or the algorithm?
+
+`bench/peers.py --modes paper` compares one seed per sweep point, and apo's final accuracy moves
+by several points with the seed. This runs apo's stage cores (bench/peers.py's race child: stage 1,
+V*, OnlineTrainer; the same numbers as the Prefect pipeline for a seed) at the `paper` budget, the
+same prompts and passes, for every lr x beta2 point and every seed, and reports each point's mean,
+spread and per-seed accuracies. Extra TrainConfig fields go in with --set (e.g. --set minibatch_size=32).
+
+    .venv/bin/python bench/apo_seeds.py --lr 7e-5,1e-4 --beta2 0.03,0.1 --seeds 0,1,2 --out bench/results/apo-seeds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (bench/peers.py: the child runner, the sizes, the evaluation)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def summarise(accuracies: list[float]) -> dict:
+    """Mean, population spread and range of one point's per-seed accuracies.
+
+    >>> summarise([0.5, 0.4, 0.6])["mean"]
+    0.5
+    """
+    return {"mean": round(statistics.mean(accuracies), 4), "std": round(statistics.pstdev(accuracies), 4),
+            "min": min(accuracies), "max": max(accuracies)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="peers.py's quick sizes: the mechanics in a minute")
+    ap.add_argument("--lr", type=peers._floats, default=[1e-4])
+    ap.add_argument("--beta2", type=peers._floats, default=[0.1])
+    ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="another TrainConfig field for every run (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    s = peers.SIZES["quick" if args.quick else "full"]
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"apo_seeds: --set wants FIELD=VALUE, got {item!r}")
+        extra[key] = json.loads(value)
+    steps = -(-s["passes"] * s["train"] // s["prompts_per_step"])
+    base = {"model": "embedded", "threads": args.threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
+            "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"], "method": "apo",
+            "mode": "seeds", "score": True, "steps": steps, "train_config": extra}
+    log_dir = Path(tempfile.mkdtemp(prefix="apo-seeds-logs-"))
+    started = time.time()
+    points = []
+    for lr in args.lr:
+        for beta2 in args.beta2:
+            runs = []
+            for seed in args.seeds:
+                tag = f"apo-lr{lr:g}-b2{beta2:g}-s{seed}"
+                r = peers.run_child({**base, "lr": lr, "beta2": beta2, "seed": seed}, log_dir, tag)
+                runs.append({"seed": seed, "final_accuracy": r["final_accuracy"], "wall_s": round(r["wall_s"], 2),
+                             "kl": r["kl"], "reference_accuracy": r["reference_accuracy"]})
+            points.append({"lr": lr, "beta2": beta2, **summarise([r["final_accuracy"] for r in runs]), "runs": runs})
+    out = {"points": points, "best": max(points, key=lambda p: p["mean"]),
+           "settings": {"size": "quick" if args.quick else "full", "steps": steps, "passes": s["passes"],
+                        "train": s["train"], "test": s["test"], "prompts_per_step": s["prompts_per_step"],
+                        "n_ref": s["n_ref"], "max_new_tokens": s["max_new_tokens"], "threads": args.threads,
+                        "train_config": extra, "seeds": args.seeds},
+           "run": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "wall_s": round(time.time() - started, 1), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=peers.ROOT, capture_output=True,
+                                                text=True).stdout.strip()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for p in points:
+        print(f"lr {p['lr']:g} beta2 {p['beta2']:g}: mean {p['mean']:.1%} (std {p['std']:.1%}; "
+              + ", ".join(f"s{r['seed']} {r['final_accuracy']:.1%}" for r in p["runs"]) + ")")
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
