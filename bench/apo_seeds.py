@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not sep:
             sys.exit(f"apo_seeds: --set wants FIELD=VALUE, got {item!r}")
         extra[key] = json.loads(value)
+    from apo_core.config import TrainConfig
+
+    unknown = sorted(set(extra) - set(TrainConfig.model_fields))
+    if unknown:
+        sys.exit(f"apo_seeds: --set {', '.join(unknown)}: not a TrainConfig field")
     steps = -(-s["passes"] * s["train"] // s["prompts_per_step"])
     base = {"model": "embedded", "threads": args.threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
             "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"], "method": "apo",

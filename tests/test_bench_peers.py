@@ -162,3 +162,28 @@ def test_sweep_points_and_tags():
     assert filtered == [{"lr": 1e-4, "beta2": 1e-3, "filter": 0}, {"lr": 1e-4, "beta2": 1e-3, "filter": 1}]
     assert [peers._tag("apo", p) for p in filtered] == ["apo-lr0.0001-b20.001", "apo-lr0.0001-b20.001-filter"]
     assert peers._sweep("trl_a2po", lrs, [1e-3], None, [0, 1]) == [{"lr": 1e-4, "beta2": 1e-3}]
+
+
+def test_apo_seeds_quick_reports_every_seed(tmp_path):
+    """bench/apo_seeds.py: one point x two seeds at quick size, a TrainConfig extra passed through."""
+    out = tmp_path / "seeds.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench/apo_seeds.py", "--quick", "--seeds", "0,1", "--threads", "1",
+                           "--set", "minibatch_size=4", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    (point,) = r["points"]
+    accs = [run["final_accuracy"] for run in point["runs"]]
+    assert [run["seed"] for run in point["runs"]] == [0, 1] and all(0 <= a <= 1 for a in accs)
+    assert point["mean"] == pytest.approx(sum(accs) / 2, abs=1e-4) and point["min"] == min(accs)
+    assert r["settings"]["train_config"] == {"minibatch_size": 4} and r["best"]["lr"] == point["lr"]
+    assert len({run["reference_accuracy"] for run in point["runs"]}) == 1  # the same reference and held-out set
+    assert "mean" in proc.stdout and str(out) in proc.stdout
+
+
+def test_apo_seeds_refuses_an_unknown_field_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/apo_seeds.py", "--set", "bogus=1", "--out", str(tmp_path / "x.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["apo_seeds: --set bogus: not a TrainConfig field"]
+    assert not (tmp_path / "x.json").exists()
