@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             sys.exit(f"apo_seeds: --set wants FIELD=VALUE, got {item!r}")
-        extra[key] = json.loads(value)
+        try:
+            extra[key] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            extra[key] = value  # a bare word: reference_dtype=bfloat16
     from apo_core.config import TrainConfig
 
     unknown = sorted(set(extra) - set(TrainConfig.model_fields))
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"lr {p['lr']:g} beta2 {p['beta2']:g}: mean {p['mean']:.1%} (std {p['std']:.1%}; "
               + ", ".join(f"s{r['seed']} {r['final_accuracy']:.1%}" for r in p["runs"]) + ")")
     print(f"wrote {args.out}")
+    shutil.rmtree(log_dir, ignore_errors=True)
     return out
 
 
