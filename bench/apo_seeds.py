@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         sys.exit(f"apo_seeds: --set {', '.join(unknown)}: not a TrainConfig field")
     steps = -(-s["passes"] * s["train"] // s["prompts_per_step"])
-    base = {"model": "embedded", "threads": args.threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
-            "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"], "method": "apo",
-            "mode": "seeds", "score": True, "steps": steps, "train_config": extra}
+    base = {**peers.base_spec(s, args.threads), "method": "apo", "mode": "seeds", "score": True, "steps": steps,
+            "train_config": extra}
     log_dir = Path(tempfile.mkdtemp(prefix="apo-seeds-logs-"))
     started = time.time()
     points = []
@@ -81,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
                 tag = f"apo-lr{lr:g}-b2{beta2:g}-s{seed}"
                 r = peers.run_child({**base, "lr": lr, "beta2": beta2, "seed": seed}, log_dir, tag)
                 runs.append({"seed": seed, "final_accuracy": r["final_accuracy"], "wall_s": round(r["wall_s"], 2),
-                             "kl": r["kl"], "reference_accuracy": r["reference_accuracy"]})
+                             "kl": r["kl"], "reference_accuracy": r["reference_accuracy"],
+                             "minibatch_size": r["minibatch_size"]})
             points.append({"lr": lr, "beta2": beta2, **summarise([r["final_accuracy"] for r in runs]), "runs": runs})
     out = {"points": points, "best": max(points, key=lambda p: p["mean"]),
            "settings": {"size": "quick" if args.quick else "full", "steps": steps, "passes": s["passes"],

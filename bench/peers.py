@@ -264,7 +264,7 @@ def run_apo_core(spec: dict) -> dict:
         stop = scorer.after_step(trainer.step) if spec["score"] else False
     wall = clock.elapsed()
     out = {"wall_s": wall, "stage1_s": stage1_s, "steps": trainer.step, "generated_tokens": int(round(tokens)),
-           "train_prompts": len(prompts)}
+           "train_prompts": len(prompts), "minibatch_size": cfg.minibatch_size}
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(trainer.step), reference_accuracy=reference_accuracy,
                    curve=scorer.points, eval_s=scorer.eval_seconds,
@@ -855,6 +855,12 @@ def machine(threads: int) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": sys.executable, "versions": versions}
 
 
+def base_spec(s: dict, threads: int) -> dict:
+    """What every child of a size shares: the model, the threads, the data and the step shape."""
+    return {"model": "embedded", "threads": threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
+            "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"]}
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -912,8 +918,7 @@ def main(argv: list[str] | None = None) -> None:
     out_path = args.out or ROOT / "bench" / "results" / ("peers-quick.json" if args.quick else "peers.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="apo-peers-logs-"))
-    base = {"model": "embedded", "threads": args.threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
-            "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"]}
+    base = base_spec(s, args.threads)
     print(f"peers: modes {modes}, methods {methods}, {args.threads} threads; child logs in {log_dir}")
     started = time.time()
     results: dict = {}

@@ -178,6 +178,7 @@ def test_apo_seeds_quick_reports_every_seed(tmp_path):
     assert [run["seed"] for run in point["runs"]] == [0, 1] and all(0 <= a <= 1 for a in accs)
     assert point["mean"] == pytest.approx(sum(accs) / 2, abs=1e-4) and point["min"] == min(accs)
     assert r["settings"]["train_config"] == {"minibatch_size": 4} and r["best"]["lr"] == point["lr"]
+    assert [run["minibatch_size"] for run in point["runs"]] == [4, 4]  # the override reached the trainer
     assert len({run["reference_accuracy"] for run in point["runs"]}) == 1  # the same reference and held-out set
     assert "mean" in proc.stdout and str(out) in proc.stdout
 
