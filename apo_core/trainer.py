@@ -14,16 +14,15 @@ table it trained against: resuming against other V* values fails instead of trai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from collections import Counter
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
-
-import hashlib
 
 import numpy as np
 import torch

@@ -4,7 +4,9 @@
 by several points with the seed. This runs apo's stage cores (bench/peers.py's race child: stage 1,
 V*, OnlineTrainer; the same numbers as the Prefect pipeline for a seed) at the `paper` budget, the
 same prompts and passes, for every lr x beta2 point and every seed, and reports each point's mean,
-spread and per-seed accuracies. Extra TrainConfig fields go in with --set (e.g. --set minibatch_size=32).
+spread and per-seed accuracies. Extra TrainConfig fields go in with --set (e.g. --set minibatch_size=32);
+--passes changes the budget (how many passes apo needs to match another method's accuracy, and at what
+wall time).
 
     .venv/bin/python bench/apo_seeds.py --lr 7e-5,1e-4 --beta2 0.03,0.1 --seeds 0,1,2 --out bench/results/apo-seeds.json
 """
@@ -48,11 +50,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="another TrainConfig field for every run (repeatable)")
+    ap.add_argument("--passes", type=int, default=None,
+                    help="passes over the training prompts (default: the `paper` budget's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    s = peers.SIZES["quick" if args.quick else "full"]
+    s = {**peers.SIZES["quick" if args.quick else "full"]}
+    if args.passes is not None:
+        if args.passes < 1:
+            sys.exit(f"apo_seeds: --passes must be at least 1, got {args.passes}")
+        s["passes"] = args.passes
     extra = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -81,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
                 r = peers.run_child({**base, "lr": lr, "beta2": beta2, "seed": seed}, log_dir, tag)
                 runs.append({"seed": seed, "final_accuracy": r["final_accuracy"], "wall_s": round(r["wall_s"], 2),
                              "kl": r["kl"], "reference_accuracy": r["reference_accuracy"],
-                             "minibatch_size": r["minibatch_size"]})
-            points.append({"lr": lr, "beta2": beta2, **summarise([r["final_accuracy"] for r in runs]), "runs": runs})
+                             "minibatch_size": r["minibatch_size"], "steps": r["steps"]})
+            points.append({"lr": lr, "beta2": beta2, **summarise([r["final_accuracy"] for r in runs]),
+                           "wall_s_mean": round(statistics.mean(r["wall_s"] for r in runs), 2), "runs": runs})
     out = {"points": points, "best": max(points, key=lambda p: p["mean"]),
            "settings": {"size": "quick" if args.quick else "full", "steps": steps, "passes": s["passes"],
                         "train": s["train"], "test": s["test"], "prompts_per_step": s["prompts_per_step"],
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in points:
         print(f"lr {p['lr']:g} beta2 {p['beta2']:g}: mean {p['mean']:.1%} (std {p['std']:.1%}; "
               + ", ".join(f"s{r['seed']} {r['final_accuracy']:.1%}" for r in p["runs"]) + ")")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({s['passes']} passes, {steps} steps)")
     shutil.rmtree(log_dir, ignore_errors=True)
     return out
 

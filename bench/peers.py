@@ -393,11 +393,12 @@ def run_trl(spec: dict) -> dict:
     if spec["method"] == "trl_grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        # one optimizer step per P prompts x 8 generations: one micro-batch in paper/race (fastest here on the
-        # tiny model), micro-batches of P (TRL's default 8 at P = 8) x 8 accumulation steps in memory
-        micro = dict(per_device_train_batch_size=P * GRPO_GENERATIONS) if spec["mode"] != "memory" else \
-            dict(per_device_train_batch_size=P, gradient_accumulation_steps=GRPO_GENERATIONS)
-        args = GRPOConfig(**common, num_generations=GRPO_GENERATIONS, **micro)
+        # one optimizer step per P prompts x G generations: one micro-batch in paper/race (fastest here on the
+        # tiny model), micro-batches of P (TRL's default 8 at P = 8) x G accumulation steps in memory
+        G = spec.get("generations") or GRPO_GENERATIONS
+        micro = dict(per_device_train_batch_size=P * G) if spec["mode"] != "memory" else \
+            dict(per_device_train_batch_size=P, gradient_accumulation_steps=G)
+        args = GRPOConfig(**common, num_generations=G, **micro)
         trainer = GRPOTrainer(model=model, reward_funcs=embedded_reward, args=args, train_dataset=dataset,
                               processing_class=tok, callbacks=[Clocked()])
     else:
@@ -641,16 +642,19 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
 
 
 def _sweep(method: str, lrs: dict, beta2s: list[float], minibatches: list[int] | None = None,
-           filters: list[int] | None = None) -> list[dict]:
+           filters: list[int] | None = None, generations: list[int] | None = None) -> list[dict]:
     """Sweep points: lr x beta2 (apo and A2PO) x apo's minibatch size (when given: optimizer
     steps per rollout step = prompts per step / minibatch) x apo's vstar.filter_all_zero (when
-    given: 0 keeps every prompt, 1 drops those whose N reference rewards are all 0)."""
+    given: 0 keeps every prompt, 1 drops those whose N reference rewards are all 0) x GRPO's
+    generations per prompt (when given; otherwise GRPO_GENERATIONS)."""
     b2 = beta2s if method in ("apo", "trl_a2po") else [None]
     points = [{"lr": lr, "beta2": b} for lr in lrs[method] for b in b2]
     if method == "apo" and minibatches:
         points = [{**p, "minibatch": m} for p in points for m in minibatches]
     if method == "apo" and filters:
         points = [{**p, "filter": f} for p in points for f in filters]
+    if method == "trl_grpo" and generations:
+        points = [{**p, "generations": g} for p in points for g in generations]
     return points
 
 
@@ -658,6 +662,7 @@ def _tag(method: str, point: dict, seed: int | None = None) -> str:
     tag = f"{method}-lr{point['lr']:g}" + (f"-b2{point['beta2']:g}" if point["beta2"] is not None else "")
     tag += f"-mb{point['minibatch']}" if point.get("minibatch") else ""
     tag += "-filter" if point.get("filter") else ""
+    tag += f"-g{point['generations']}" if point.get("generations") else ""
     return tag + (f"-s{seed}" if seed is not None else "")
 
 
@@ -665,14 +670,14 @@ def measure_paper(methods, s: dict, base: dict, log_dir: Path) -> dict:
     out = {}
     for method in methods:
         runs = []
-        for point in _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo")):
+        for point in _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo"), s.get("grpo_generations")):
             spec = {**base, **point, "method": method, "mode": "paper", "seed": s["seeds"][0], "score": True,
                     "passes": s["passes"], "beta2": point["beta2"] or 0.0}
             runs.append({**point, **run_child(spec, log_dir, "paper-" + _tag(method, point))})
         best = max(runs, key=lambda r: (r["final_accuracy"], -r["wall_s"]))
         out[method] = {k: best[k] for k in ("wall_s", "final_accuracy", "peak_rss_mb", "kl", "generated_tokens",
                                             "reference_accuracy", "peak_rss_tree_mb", "lr", "beta2", "steps")}
-        for key in ("minibatch", "filter"):
+        for key in ("minibatch", "filter", "generations"):
             if best.get(key):
                 out[method][key] = best[key]
         if "pipeline" in best:
@@ -687,9 +692,9 @@ def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None
     out = {}
     for method in methods:
         points = []
-        sweep = _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo"))
+        sweep = _sweep(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo"), s.get("grpo_generations"))
         if paper and method in paper:
-            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch", "filter") if k in paper[method]}]
+            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch", "filter", "generations") if k in paper[method]}]
         for point in sweep:
             seeds = []
             for seed in s["seeds"]:
@@ -879,6 +884,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="apo's minibatch sizes swept (comma list; default: one update per rollout step)")
     ap.add_argument("--filter-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
                     help="apo's vstar.filter_all_zero values swept (comma list of 0/1; default: off)")
+    ap.add_argument("--grpo-generations", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                    help=f"generations per prompt swept for trl_grpo (comma list, each >= 2; default {GRPO_GENERATIONS})")
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
     ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
@@ -903,9 +910,12 @@ def main(argv: list[str] | None = None) -> None:
         given = getattr(args, f"lr_{method}")
         if given:
             s["lr"][method] = given
-    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo", "filter_apo"):
+    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo", "filter_apo",
+                "grpo_generations"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    if any(g < 2 for g in s.get("grpo_generations") or []):  # one response has no group to normalise against
+        sys.exit(f"peers: --grpo-generations must be at least 2 each, got {s['grpo_generations']}")
     modes = [m for m in args.modes.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
     for name, given, valid in (("mode", modes, MODES), ("method", methods, METHODS)):
@@ -935,7 +945,7 @@ def main(argv: list[str] | None = None) -> None:
     if "gpu" in modes:
         results["gpu"] = measure_gpu(methods, args.gpu_size, base, log_dir)
     results["settings"] = {"size": "quick" if args.quick else "full", "modes": modes, "methods": methods, **s,
-                           "grpo_generations": GRPO_GENERATIONS, "beta1": 0.5}
+                           "grpo_generations": s.get("grpo_generations") or [GRPO_GENERATIONS], "beta1": 0.5}
     for earlier in args.merge:
         part = json.loads(earlier.read_text())
         taken = [m for m in MODES if m in part and m not in results]

@@ -165,11 +165,11 @@ def test_sweep_points_and_tags():
 
 
 def test_apo_seeds_quick_reports_every_seed(tmp_path):
-    """bench/apo_seeds.py: one point x two seeds at quick size, a TrainConfig extra passed through."""
+    """bench/apo_seeds.py: one point x two seeds at quick size, a TrainConfig extra passed through, two passes."""
     out = tmp_path / "seeds.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "bench/apo_seeds.py", "--quick", "--seeds", "0,1", "--threads", "1",
-                           "--set", "minibatch_size=4", "--out", str(out)],
+                           "--set", "minibatch_size=4", "--passes", "2", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -179,6 +179,9 @@ def test_apo_seeds_quick_reports_every_seed(tmp_path):
     assert point["mean"] == pytest.approx(sum(accs) / 2, abs=1e-4) and point["min"] == min(accs)
     assert r["settings"]["train_config"] == {"minibatch_size": 4} and r["best"]["lr"] == point["lr"]
     assert [run["minibatch_size"] for run in point["runs"]] == [4, 4]  # the override reached the trainer
+    # quick: 16 prompts, 8 per step; two passes are 4 rollout steps, and each seed ran all of them
+    assert r["settings"]["passes"] == 2 and r["settings"]["steps"] == 4 and [run["steps"] for run in point["runs"]] == [4, 4]
+    assert point["wall_s_mean"] == pytest.approx(sum(run["wall_s"] for run in point["runs"]) / 2, abs=0.01)
     assert len({run["reference_accuracy"] for run in point["runs"]}) == 1  # the same reference and held-out set
     assert "mean" in proc.stdout and str(out) in proc.stdout
 
@@ -187,4 +190,7 @@ def test_apo_seeds_refuses_an_unknown_field_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "bench/apo_seeds.py", "--set", "bogus=1", "--out", str(tmp_path / "x.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["apo_seeds: --set bogus: not a TrainConfig field"]
+    proc = subprocess.run([sys.executable, "bench/apo_seeds.py", "--passes", "0", "--out", str(tmp_path / "x.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["apo_seeds: --passes must be at least 1, got 0"]
     assert not (tmp_path / "x.json").exists()
