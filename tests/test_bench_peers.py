@@ -130,6 +130,9 @@ def test_trl_methods_without_trl_fail_in_one_line(monkeypatch, tmp_path):
     assert "make bench-env" in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(SystemExit, match="unknown method"):
         peers.main(["--quick", "--methods", "ppo"])
+    with pytest.raises(SystemExit) as exc:  # GRPO needs a group: one generation has nothing to normalise against
+        peers.main(["--quick", "--methods", "apo", "--grpo-generations", "1,4", "--out", str(tmp_path / "x.json")])
+    assert str(exc.value) == "peers: --grpo-generations must be at least 2 each, got [1, 4]"
     assert not (tmp_path / "x.json").exists()
 
 
@@ -162,6 +165,11 @@ def test_sweep_points_and_tags():
     assert filtered == [{"lr": 1e-4, "beta2": 1e-3, "filter": 0}, {"lr": 1e-4, "beta2": 1e-3, "filter": 1}]
     assert [peers._tag("apo", p) for p in filtered] == ["apo-lr0.0001-b20.001", "apo-lr0.0001-b20.001-filter"]
     assert peers._sweep("trl_a2po", lrs, [1e-3], None, [0, 1]) == [{"lr": 1e-4, "beta2": 1e-3}]
+    # GRPO's generations per prompt are its own sweep axis, tagged -gN
+    grpo = peers._sweep("trl_grpo", {**lrs, "trl_grpo": [1e-4]}, [1e-3], None, None, [2, 4])
+    assert grpo == [{"lr": 1e-4, "beta2": None, "generations": 2}, {"lr": 1e-4, "beta2": None, "generations": 4}]
+    assert [peers._tag("trl_grpo", p) for p in grpo] == ["trl_grpo-lr0.0001-g2", "trl_grpo-lr0.0001-g4"]
+    assert peers._sweep("apo", lrs, [1e-3], None, None, [2]) == [{"lr": 1e-4, "beta2": 1e-3}]
 
 
 def test_apo_seeds_quick_reports_every_seed(tmp_path):
