@@ -974,7 +974,8 @@ def report(r: dict) -> str:
         lines.append("paper: same prompts, same passes (wall = training clock, evaluation excluded)")
         for m, v in r["paper"].items():
             lines.append(f"  {m:9s} wall {v['wall_s']:7.1f} s  acc {100 * v['final_accuracy']:5.1f}% (ref {100 * v['reference_accuracy']:.1f}%)"
-                         f"  kl {v['kl']:.4f}  tokens {v['generated_tokens']:>9d}  peak {v['peak_rss_mb']:6.0f} MB  lr {v['lr']:g}")
+                         f"  kl {v['kl']:.4f}  tokens {v['generated_tokens']:>9d}  peak {v['peak_rss_mb']:6.0f} MB  lr {v['lr']:g}"
+                         + (f"  generations {v['generations']}" if v.get("generations") else ""))
     if "race" in r:
         lines.append("race: time to reference + 10 points (mean over seeds)")
         for m, v in r["race"].items():
