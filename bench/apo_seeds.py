@@ -61,20 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.passes < 1:
             sys.exit(f"apo_seeds: --passes must be at least 1, got {args.passes}")
         s["passes"] = args.passes
-    extra = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            sys.exit(f"apo_seeds: --set wants FIELD=VALUE, got {item!r}")
-        try:
-            extra[key] = json.loads(value)  # numbers, true/false, null
-        except json.JSONDecodeError:
-            extra[key] = value  # a bare word: reference_dtype=bfloat16
-    from apo_core.config import TrainConfig
-
-    unknown = sorted(set(extra) - set(TrainConfig.model_fields))
-    if unknown:
-        sys.exit(f"apo_seeds: --set {', '.join(unknown)}: not a TrainConfig field")
+    extra = peers.parse_train_overrides(args.set, "apo_seeds", "--set")
     steps = -(-s["passes"] * s["train"] // s["prompts_per_step"])
     base = {**peers.base_spec(s, args.threads), "method": "apo", "mode": "seeds", "score": True, "steps": steps,
             "train_config": extra}

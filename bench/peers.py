@@ -197,12 +197,57 @@ class Scorer:
         return self.points[-1]["accuracy"]
 
 
-def _rss_mb() -> float:
-    """Peak resident set of this process so far (VmHWM), MB."""
+def _rss_mb(field: str = "VmHWM") -> float:
+    """Peak resident set of this process so far (VmHWM), or the current one (VmRSS), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _tensor_mb(tensors) -> float:
+    """MB held by the distinct storages of `tensors` (tied or shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total / 2**20
+
+
+def memory_phase(name: str, policy, reference=None, optimizer=None) -> dict:
+    """One row of the memory mode's profile: the process's resident set now and at its peak, and
+    what its tensors hold: the policy's weights, pi_ref's stored weights, AdamW's moments and the
+    gradients alive at that moment."""
+    row = {"phase": name, "rss_mb": round(_rss_mb("VmRSS"), 1), "peak_rss_mb": round(_rss_mb(), 1),
+           "policy_mb": round(_tensor_mb(policy.parameters()), 1),
+           "gradients_mb": round(_tensor_mb(p.grad for p in policy.parameters()), 1)}
+    if reference is not None:
+        row["reference_mb"] = round(_tensor_mb([*reference.parameters(), *reference.buffers()]), 1)
+    if optimizer is not None:
+        row["optimizer_state_mb"] = round(_tensor_mb(t for st in optimizer.state.values() for t in st.values()
+                                                     if hasattr(t, "untyped_storage")), 1)
+    return row
+
+
+def parse_train_overrides(items: list[str], prog: str, flag: str) -> dict:
+    """`FIELD=VALUE` items as TrainConfig overrides (JSON values; a bare word is a string). A
+    malformed item or an unknown field exits with one line."""
+    from apo_core.config import TrainConfig
+
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"{prog}: {flag} wants FIELD=VALUE, got {item!r}")
+        try:
+            extra[key] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            extra[key] = value  # a bare word: reference_dtype=bfloat16
+    unknown = sorted(set(extra) - set(TrainConfig.model_fields))
+    if unknown:
+        sys.exit(f"{prog}: {flag} {', '.join(unknown)}: not a TrainConfig field")
+    return extra
 
 
 def _setup(threads: int, seed: int) -> None:
@@ -235,6 +280,8 @@ def run_apo_core(spec: dict) -> dict:
 
     train, test = task_records(spec["train"], spec["test"])
     model, tok = _load(spec["model"])
+    profiling = spec["mode"] == "memory"
+    phases = [memory_phase("policy loaded", model)] if profiling else []
     reward = get_reward("embedded")
     engine = TransformersEngine(model, tok, batch_size=512, autocast_bf16=False)
     P, mnt = spec["prompts_per_step"], spec["max_new_tokens"]
@@ -250,21 +297,30 @@ def run_apo_core(spec: dict) -> dict:
     kept = {row["prompt_id"] for row in table if row["pass_at_n"] > 0 or not spec.get("filter")}
     prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train if r.prompt_id in kept]
     stage1_s = clock.elapsed()
+    if profiling:
+        phases.append(memory_phase("stage 1 sampled", model))
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths (and any
     # other TrainConfig field in spec["train_config"]: bench/apo_seeds.py)
     cfg = TrainConfig(**{"steps": steps, "rollout_batch_size": P, "minibatch_size": spec.get("minibatch") or P, "lr": spec["lr"],
                          "beta2": spec["beta2"], "max_new_tokens": mnt, "seed": spec["seed"], **spec.get("train_config", {})})
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
+    if profiling:
+        phases.append(memory_phase("trainer built", model, trainer.ref_policy, trainer.optimizer))
     tokens = sum(r["n_tokens"] for r in rows)
     stop = False
     while trainer.step < steps and not stop:
         metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
         tokens += metrics["rollout/response_tokens_mean"] * P
         stop = scorer.after_step(trainer.step) if spec["score"] else False
+        if profiling:
+            phases.append(memory_phase(f"step {trainer.step}", model, trainer.ref_policy, trainer.optimizer))
     wall = clock.elapsed()
     out = {"wall_s": wall, "stage1_s": stage1_s, "steps": trainer.step, "generated_tokens": int(round(tokens)),
            "train_prompts": len(prompts), "minibatch_size": cfg.minibatch_size}
+    if profiling:
+        out["phases"] = phases
+        out["memory_plan"] = dict(trainer.memory)  # the "auto" switches as resolved for this model
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(trainer.step), reference_accuracy=reference_accuracy,
                    curve=scorer.points, eval_s=scorer.eval_seconds,
@@ -303,7 +359,8 @@ def _pipeline_overrides(spec: dict, root: Path, run_id: str, steps: int) -> list
             "train.rollout_batch_size": P, "train.minibatch_size": spec.get("minibatch") or P, "train.lr": spec["lr"], "train.beta2": spec["beta2"],
             "train.seed": spec["seed"], "generation.engine": "transformers", "generation.autocast_bf16": False,
             "model.num_threads": spec["threads"], "eval.evaluate_reference": False,
-            "vstar.filter_all_zero": bool(spec.get("filter"))}
+            "vstar.filter_all_zero": bool(spec.get("filter")),
+            **{f"train.{k}": v for k, v in spec.get("train_config", {}).items()}}
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -729,7 +786,8 @@ def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
                     "train": m["steps"] * m["prompts_per_step"], "test": 1, "steps": m["steps"], "prompts_per_step": m["prompts_per_step"], "max_new_tokens": m["max_new_tokens"],
                     "lr": 1e-6, "beta2": 1e-3, "passes": 1}  # lr / beta2: the documented defaults of apo's paper config and TRL
             r = run_child(spec, log_dir, f"memory-{method}")
-            out[method] = {k: r[k] for k in ("peak_rss_mb", "peak_rss_tree_mb", "wall_s", "steps")}
+            out[method] = {k: r[k] for k in ("peak_rss_mb", "peak_rss_tree_mb", "wall_s", "steps", "phases", "memory_plan")
+                           if k in r}
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     return out
@@ -884,6 +942,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="apo's minibatch sizes swept (comma list; default: one update per rollout step)")
     ap.add_argument("--filter-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
                     help="apo's vstar.filter_all_zero values swept (comma list of 0/1; default: off)")
+    ap.add_argument("--apo-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a TrainConfig field for every apo run (repeatable; e.g. reference_dtype=model)")
     ap.add_argument("--grpo-generations", type=lambda t: [int(x) for x in t.split(",")], default=None,
                     help=f"generations per prompt swept for trl_grpo (comma list, each >= 2; default {GRPO_GENERATIONS})")
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
@@ -929,6 +989,8 @@ def main(argv: list[str] | None = None) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="apo-peers-logs-"))
     base = base_spec(s, args.threads)
+    if args.apo_set:
+        s["apo_train_config"] = base["train_config"] = parse_train_overrides(args.apo_set, "peers", "--apo-set")
     print(f"peers: modes {modes}, methods {methods}, {args.threads} threads; child logs in {log_dir}")
     started = time.time()
     results: dict = {}
@@ -986,6 +1048,9 @@ def report(r: dict) -> str:
         for m in METHODS:
             if m in r["memory"]:
                 lines.append(f"  {m:9s} peak {r['memory'][m]['peak_rss_mb']:7.0f} MB (tree {r['memory'][m]['peak_rss_tree_mb']:.0f})")
+        for ph in r["memory"].get("apo", {}).get("phases", []):  # apo's profile: where its memory is, phase by phase
+            held = "  ".join(f"{k[:-3]} {ph[k]:.1f}" for k in ("policy_mb", "reference_mb", "optimizer_state_mb", "gradients_mb") if k in ph)
+            lines.append(f"    apo {ph['phase']:16s} rss {ph['rss_mb']:7.0f}  peak {ph['peak_rss_mb']:7.0f} MB  ({held} MB)")
     if "scaling" in r:
         sc = r["scaling"]
         lines.append(f"scaling: stage 1 {1000 * sc['stage1_seconds_per_sample']:.2f} ms per sample + {sc['stage1_fixed_s']:.2f} s (linear fit r2 {sc['stage1_linear_r2']:.3f})")

@@ -71,6 +71,17 @@ def test_quick_apo_writes_the_issue_keys(quick_apo):
     memory = r["memory"]
     assert memory["model"]["params"] > 0 and memory["apo"]["peak_rss_mb"] > 100
     assert memory["apo"]["peak_rss_tree_mb"] > 0
+    # apo's memory profile: phase by phase, what its tensors hold (the tiny model: fp32 moments, bf16 pi_ref)
+    phases = memory["apo"]["phases"]
+    assert [ph["phase"] for ph in phases] == ["policy loaded", "stage 1 sampled", "trainer built", "step 1", "step 2"]
+    weights_mb = memory["model"]["params"] * 4 / 2**20
+    assert all(ph["policy_mb"] == pytest.approx(weights_mb, abs=0.06) for ph in phases)
+    built, step1 = phases[2], phases[3]
+    assert 0 < built["reference_mb"] < built["policy_mb"]  # matrices stored in bf16
+    assert built["optimizer_state_mb"] == 0 and step1["optimizer_state_mb"] == pytest.approx(2 * weights_mb, abs=0.15)
+    peaks = [ph["peak_rss_mb"] for ph in phases]
+    assert peaks == sorted(peaks) and peaks[-1] <= memory["apo"]["peak_rss_mb"] + 1
+    assert memory["apo"]["memory_plan"]["optimizer_state_dtype"] == "float32"
     scaling = r["scaling"]
     assert [(x["prompts"], x["n"]) for x in scaling["stage1"]] == [tuple(x) for x in r["settings"]["scaling"]["stage1"]]
     assert all(x["seconds"] > 0 and x["tokens"] >= x["samples"] for x in scaling["stage1"])
@@ -170,6 +181,24 @@ def test_sweep_points_and_tags():
     assert grpo == [{"lr": 1e-4, "beta2": None, "generations": 2}, {"lr": 1e-4, "beta2": None, "generations": 4}]
     assert [peers._tag("trl_grpo", p) for p in grpo] == ["trl_grpo-lr0.0001-g2", "trl_grpo-lr0.0001-g4"]
     assert peers._sweep("apo", lrs, [1e-3], None, None, [2]) == [{"lr": 1e-4, "beta2": 1e-3}]
+
+
+def test_train_overrides_parse_and_reach_the_pipeline():
+    """--apo-set (peers.py) and --set (apo_seeds.py): JSON values, bare words as strings, one-line refusals."""
+    peers = _peers()
+    extra = peers.parse_train_overrides(["lr=2e-5", "update_in_backward=false", "reference_dtype=model"], "peers", "--apo-set")
+    assert extra == {"lr": 2e-5, "update_in_backward": False, "reference_dtype": "model"}
+    with pytest.raises(SystemExit) as exc:
+        peers.parse_train_overrides(["bogus=1", "lr=1"], "peers", "--apo-set")
+    assert str(exc.value) == "peers: --apo-set bogus: not a TrainConfig field"
+    with pytest.raises(SystemExit) as exc:
+        peers.parse_train_overrides(["lr"], "peers", "--apo-set")
+    assert str(exc.value) == "peers: --apo-set wants FIELD=VALUE, got 'lr'"
+    # the `paper` mode's pipeline gets them as train.* overrides, after the benchmark's own
+    spec = {"prompts_per_step": 8, "max_new_tokens": 16, "train": 16, "test": 8, "n_ref": 2, "seed": 0, "lr": 1e-4,
+            "beta2": 0.1, "threads": 1, "train_config": {"reference_dtype": "model", "lr": 2e-5}}
+    sets = peers._pipeline_overrides(spec, Path("/tmp/x"), "r", 4)
+    assert "train.reference_dtype=model" in sets and "train.lr=2e-05" in sets and "train.lr=0.0001" not in sets
 
 
 def test_apo_seeds_quick_reports_every_seed(tmp_path):
