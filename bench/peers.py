@@ -300,7 +300,7 @@ def run_apo_core(spec: dict) -> dict:
     if profiling:
         phases.append(memory_phase("stage 1 sampled", model))
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths (and any
-    # other TrainConfig field in spec["train_config"]: bench/apo_seeds.py)
+    # other TrainConfig field in spec["train_config"]: --apo-set, bench/apo_seeds.py --set)
     cfg = TrainConfig(**{"steps": steps, "rollout_batch_size": P, "minibatch_size": spec.get("minibatch") or P, "lr": spec["lr"],
                          "beta2": spec["beta2"], "max_new_tokens": mnt, "seed": spec["seed"], **spec.get("train_config", {})})
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
