@@ -28,10 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (bench/peers.py: the child runner, the sizes, the evaluation)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def summarise(accuracies: list[float]) -> dict:
     """Mean, population spread and range of one point's per-seed accuracies.
 
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="peers.py's quick sizes: the mechanics in a minute")
     ap.add_argument("--lr", type=peers._floats, default=[1e-4])
     ap.add_argument("--beta2", type=peers._floats, default=[0.1])
-    ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    ap.add_argument("--seeds", type=peers._ints, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="another TrainConfig field for every run (repeatable)")
     ap.add_argument("--passes", type=int, default=None,
@@ -62,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"apo_seeds: --passes must be at least 1, got {args.passes}")
         s["passes"] = args.passes
     extra = peers.parse_train_overrides(args.set, "apo_seeds", "--set")
-    steps = -(-s["passes"] * s["train"] // s["prompts_per_step"])
+    steps = peers.rollout_steps(s["passes"], s["train"], s["prompts_per_step"])
     base = {**peers.base_spec(s, args.threads), "method": "apo", "mode": "seeds", "score": True, "steps": steps,
             "train_config": extra}
     log_dir = Path(tempfile.mkdtemp(prefix="apo-seeds-logs-"))

@@ -285,7 +285,7 @@ def run_apo_core(spec: dict) -> dict:
     reward = get_reward("embedded")
     engine = TransformersEngine(model, tok, batch_size=512, autocast_bf16=False)
     P, mnt = spec["prompts_per_step"], spec["max_new_tokens"]
-    steps = spec.get("steps") or -(-spec["passes"] * len(train) // P)  # race: unbounded, the budget stops it
+    steps = spec.get("steps") or rollout_steps(spec["passes"], len(train), P)  # race: unbounded, the budget stops it
     clock = Clock()
     scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), spec.get("budget_s"))
     reference_accuracy = scorer.start() if spec["score"] else (clock.start() or None)
@@ -376,7 +376,7 @@ def run_apo_pipeline(spec: dict) -> dict:
         from flows.apo import apo
 
         train, test = task_records(spec["train"], spec["test"])
-        steps = -(-spec["passes"] * len(train) // spec["prompts_per_step"])
+        steps = rollout_steps(spec["passes"], len(train), spec["prompts_per_step"])
         cfg = load_config(overrides=_pipeline_overrides(spec, work / "artifacts", "peers", steps))
         t0 = time.perf_counter()
         summary = apo(config=cfg)
@@ -928,6 +928,15 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def rollout_steps(passes: int, prompts: int, per_step: int) -> int:
+    """Rollout steps for `passes` passes over `prompts` training prompts, `per_step` per step (the last partial)."""
+    return -(-passes * prompts // per_step)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes")
@@ -938,15 +947,15 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(f"--lr-{method.replace('_', '-')}", type=_floats, default=None,
                         help=f"learning rates swept for {method} (comma list)")
     ap.add_argument("--beta2", type=_floats, default=None, help="beta2 values swept for apo and trl_a2po (comma list)")
-    ap.add_argument("--minibatch-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
+    ap.add_argument("--minibatch-apo", type=_ints, default=None,
                     help="apo's minibatch sizes swept (comma list; default: one update per rollout step)")
-    ap.add_argument("--filter-apo", type=lambda t: [int(x) for x in t.split(",")], default=None,
+    ap.add_argument("--filter-apo", type=_ints, default=None,
                     help="apo's vstar.filter_all_zero values swept (comma list of 0/1; default: off)")
     ap.add_argument("--apo-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a TrainConfig field for every apo run (repeatable; e.g. reference_dtype=model)")
-    ap.add_argument("--grpo-generations", type=lambda t: [int(x) for x in t.split(",")], default=None,
+    ap.add_argument("--grpo-generations", type=_ints, default=None,
                     help=f"generations per prompt swept for trl_grpo (comma list, each >= 2; default {GRPO_GENERATIONS})")
-    ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=None, help="race seeds")
+    ap.add_argument("--seeds", type=_ints, default=None, help="race seeds")
     ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
     ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
                     help="race: only each method's best paper point (when paper runs too), or the whole sweep")
