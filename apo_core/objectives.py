@@ -75,8 +75,8 @@ def apo_loss(
     return loss, metrics
 
 
-def token_entropy(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean entropy of the policy over response tokens. logits: (B, T, V), mask: (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return masked_mean(entropy, mask)
+def mean_entropy(token_entropy: Tensor, mask: Tensor) -> Tensor:
+    """Mean entropy of the policy over response tokens, from each position's entropy
+    (`modeling.response_logprobs(..., with_entropy=True)`, computed chunk by chunk from the
+    logits). token_entropy, mask: (B, T)."""
+    return masked_mean(token_entropy, mask)

@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .engines import GenerationEngine
 from .distributed import gathered
 from .modeling import collate, is_peft, response_logprobs
-from .objectives import apo_loss, token_entropy
+from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
 from .rewards import RewardFn
 
@@ -248,12 +248,12 @@ class OnlineTrainer:
             T = int(mb.response_mask.sum(-1).max().item())
             mb = type(mb)(mb.input_ids[:, : mb.prompt_len + T], mb.attention_mask[:, : mb.prompt_len + T], mb.response_mask[:, :T])
             if cfg.entropy_coef > 0:
-                logp, logits = response_logprobs(trained, mb, return_logits=True)
+                logp, token_entropies = response_logprobs(trained, mb, with_entropy=True)
             else:
                 logp = response_logprobs(trained, mb)
             loss, metrics = apo_loss(logp, ref_logp[rows, :T], mb.response_mask, reward_t[rows], vstar_t[rows], cfg.beta2)
             if cfg.entropy_coef > 0:
-                entropy = token_entropy(logits, mb.response_mask)
+                entropy = mean_entropy(token_entropies, mb.response_mask)
                 loss = loss - cfg.entropy_coef * entropy
                 metrics["entropy"] = entropy.detach()
             if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself

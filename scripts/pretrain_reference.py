@@ -1,4 +1,5 @@
-"""Pre-train (SFT) the embedded default reference model, reproducibly, on 2 CPU threads.
+"""Pre-train (SFT) a built-in reference model, reproducibly, on 2 CPU threads: the embedded
+default (``--model embedded``) or ``embedded-qwen`` (``--model qwen``, described at the end).
 
 Builds the project's byte-level tokenizer and a tiny Qwen2ForCausalLM, fine-tunes it on
 ``make_problems("sft", ...)`` (loss on the solution tokens and the EOS only), stops early at a
@@ -21,6 +22,20 @@ Measured (2 threads, torch 2.13 CPU): 1,019,008 parameters, 920 steps of 64 prob
 held-out prompts (42.2% / 24.8% on 2,000), "####" present in every greedy answer. Accuracy rises
 steeply here (6% at step 800, 29% at 900, 47% at 1000; 77% at 1400), so the model has learnt
 the format and makes carry/borrow mistakes in the steps: room for RL.
+
+``--model qwen`` builds ``apo_core/assets/embedded-qwen/``: a Qwen2 with Qwen2.5's tokenizer
+(``apo_core.tokenizer.build_qwen_tokenizer``) and its 151,936-row tied embedding, SFT'd on the
+same problems in two forms, half each: as a ChatML user turn answered by the solution and
+``<|im_end|>``, and as the plain prompt answered by the solution and ``<|endoftext|>`` (so both
+stop tokens are real). The task uses a few dozen of the 151,936 tokens; the loss is the exact
+full-vocabulary cross-entropy, computed cheaply: every row outside the task's tokens is kept at
+zero during SFT, so each of those logits is exactly 0 and the softmax's normaliser is
+logsumexp(task logits, log(rows outside)). After SFT those rows get N(0, 0.02) values, as a
+fresh initialisation, and the reported accuracies are measured after that, with the full
+vocabulary. Weights are saved in bfloat16 (~20 MB); tokenizer.json is not committed (apo
+builds it from the pinned package on first load).
+
+    python scripts/pretrain_reference.py --model qwen
 """
 
 from __future__ import annotations
@@ -43,18 +58,24 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa
 
 from apo_core.embedded import make_problems  # noqa: E402
 from apo_core.rewards import gsm8k_reward  # noqa: E402
-from apo_core.tokenizer import build_byte_tokenizer  # noqa: E402
+from apo_core.data import chat_prompt  # noqa: E402
+from apo_core.tokenizer import QWEN_VOCAB_SIZE, build_byte_tokenizer, build_qwen_tokenizer  # noqa: E402
 
-DEFAULT_OUT = REPO / "apo_core" / "assets" / "embedded-reference"
+DEFAULT_OUT = {"embedded": REPO / "apo_core" / "assets" / "embedded-reference",
+               "qwen": REPO / "apo_core" / "assets" / "embedded-qwen"}
+# --model qwen: the settings the committed embedded-qwen was made with (the embedded default's are the argparse defaults).
+QWEN_DEFAULTS = {"steps": 2000, "lr": 2e-3, "max_position_embeddings": 2048}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=920, help="SFT optimizer steps (early stop; 920 lands in the target window)")
+    p.add_argument("--model", choices=("embedded", "qwen"), default="embedded", help="which built-in model to make")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"SFT optimizer steps (early stop; embedded 920, qwen {QWEN_DEFAULTS['steps']}: in the target window)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: the model's asset folder)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (embedded 1e-3, qwen {QWEN_DEFAULTS['lr']})")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--n-sft", type=int, default=100_000, help="distinct SFT problems to draw from")
     p.add_argument("--n-test", type=int, default=400)
@@ -63,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-save", action="store_true", help="train and evaluate only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    qwen = args.model == "qwen"
+    args.steps = args.steps if args.steps is not None else QWEN_DEFAULTS["steps"] if qwen else 920
+    args.lr = args.lr if args.lr is not None else QWEN_DEFAULTS["lr"] if qwen else 1e-3
+    args.out = args.out or DEFAULT_OUT[args.model]
+    return args
 
 
 def model_config(tokenizer) -> Qwen2Config:
@@ -86,6 +112,68 @@ def model_config(tokenizer) -> Qwen2Config:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def qwen_model_config(tokenizer) -> Qwen2Config:
+    """Qwen2.5's vocabulary and special ids on a small body: the 151,936 x 64 tied embedding is
+    most of the ~10M parameters, as the vocabulary dominates a real model's logits."""
+    return Qwen2Config(
+        vocab_size=QWEN_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,  # >= 32 so vLLM's CPU attention accepts it
+        max_position_embeddings=QWEN_DEFAULTS["max_position_embeddings"],
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_cache=True,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.pad_token_id,  # Qwen2.5's configs: bos = <|endoftext|>, eos = <|im_end|>
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def qwen_stop_ids(tokenizer) -> list[int]:
+    """<|im_end|> ends a ChatML answer, <|endoftext|> a plain one."""
+    return [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def qwen_forms(tokenizer, problem: dict, chat: bool) -> tuple[str, str]:
+    """(prompt, end token) of a problem as a ChatML turn or as the plain prompt."""
+    if chat:
+        return chat_prompt(tokenizer, problem["prompt"].strip()), "<|im_end|>"
+    return problem["prompt"], "<|endoftext|>"
+
+
+def encode_qwen_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], int]]:
+    """(ids of prompt + solution + end token, prompt length): even problems in ChatML, odd ones plain."""
+    out = []
+    for i, p in enumerate(problems):
+        prompt, end = qwen_forms(tokenizer, p, chat=i % 2 == 0)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(end)]
+        out.append((ids + target, len(ids)))
+    return out
+
+
+def restricted_vocab_loss(model, batch: dict[str, torch.Tensor], used: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary cross-entropy on the labelled tokens while every embedding row outside
+    `used` (U token ids) is zero: those V - U logits are 0, so
+    log Z = logsumexp(logits of `used`, log(V - U)) exactly, at the cost of a U-row output layer."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    h = hidden[:, :-1][keep]  # (N, H) states that predict a labelled token
+    logits = h @ model.lm_head.weight[used].T  # (N, U)
+    outside = torch.full((len(h), 1), math.log(model.config.vocab_size - len(used)), dtype=logits.dtype)
+    log_z = torch.logsumexp(torch.cat([logits, outside], dim=1), dim=1)
+    index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    index[used] = torch.arange(len(used))
+    return (log_z - logits.gather(1, index[labels[keep]][:, None]).squeeze(1)).mean()
 
 
 def encode_examples(tokenizer, problems: list[dict]) -> list[tuple[list[int], int]]:
@@ -113,10 +201,13 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[dict], *, sample: bool, seed: int, max_new_tokens: int) -> dict:
-    """Accuracy, format rate (``####`` present) and response lengths on ``problems``."""
+def evaluate(model, tokenizer, problems: list[dict], *, sample: bool, seed: int, max_new_tokens: int,
+             prompts: list[str] | None = None, stop_ids: list[int] | None = None) -> dict:
+    """Accuracy, format rate (``####`` present) and response lengths on ``problems`` (their own
+    prompts unless `prompts` is given; a response ends at any of `stop_ids`, default EOS)."""
     model.eval()
-    enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
+    stops = stop_ids or [tokenizer.eos_token_id]
+    enc = tokenizer(prompts or [p["prompt"] for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
@@ -124,7 +215,7 @@ def evaluate(model, tokenizer, problems: list[dict], *, sample: bool, seed: int,
         **enc,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops if stop_ids else stops[0],
         **kwargs,
     )
     torch.set_rng_state(state)
@@ -132,14 +223,15 @@ def evaluate(model, tokenizer, problems: list[dict], *, sample: bool, seed: int,
     continuation = out[:, enc["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(continuation, skip_special_tokens=True)
     rewards = gsm8k_reward(texts, [p["answer"] for p in problems])
-    eos = tokenizer.eos_token_id
-    lengths = []  # response tokens including EOS (max_new_tokens when it never stops)
+    lengths, stopped = [], 0  # response tokens including the stop token (max_new_tokens when it never stops)
     for row in continuation.tolist():
-        lengths.append(row.index(eos) + 1 if eos in row else len(row))
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        lengths.append(len(row) if end is None else end + 1)
+        stopped += end is not None
     return {
         "accuracy": sum(rewards) / len(rewards),
         "format": sum("####" in t for t in texts) / len(texts),
-        "stopped": sum(eos in row for row in continuation.tolist()) / len(texts),
+        "stopped": stopped / len(texts),
         "lengths": lengths,
         "texts": texts,
     }
@@ -167,24 +259,47 @@ def _portable_tokenizer_class(out: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def evaluate_all(model, tokenizer, test: list[dict], args) -> dict[str, tuple[dict, dict]]:
+    """{form: (greedy, sampled)}: the plain prompts, and for --model qwen also the ChatML ones."""
+    if args.model != "qwen":
+        return {"plain": tuple(evaluate(model, tokenizer, test, sample=s, seed=args.seed, max_new_tokens=args.max_new_tokens)
+                               for s in (False, True))}
+    out = {}
+    for form, chat in (("chat", True), ("plain", False)):
+        prompts = [qwen_forms(tokenizer, p, chat)[0] for p in test]
+        out[form] = tuple(evaluate(model, tokenizer, test, sample=s, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                   prompts=prompts, stop_ids=qwen_stop_ids(tokenizer)) for s in (False, True))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    qwen = args.model == "qwen"
 
-    tokenizer = build_byte_tokenizer()
-    config = model_config(tokenizer)
+    tokenizer = build_qwen_tokenizer() if qwen else build_byte_tokenizer()
+    config = qwen_model_config(tokenizer) if qwen else model_config(tokenizer)
     model = Qwen2ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: Qwen2 hidden {config.hidden_size}, layers {config.num_hidden_layers}, heads "
           f"{config.num_attention_heads}/{config.num_key_value_heads} kv, head_dim {config.head_dim}, "
           f"vocab {config.vocab_size}; {n_params:,} parameters", flush=True)
 
-    sft = encode_examples(tokenizer, make_problems("sft", args.n_sft, seed=args.seed))
+    problems = make_problems("sft", args.n_sft, seed=args.seed)
+    sft = encode_qwen_examples(tokenizer, problems) if qwen else encode_examples(tokenizer, problems)
     test = make_problems("test", args.n_test)
     data_rng = random.Random(args.seed)  # data order: independent of evaluation and of --steps
+    used = None
+    if qwen:  # the task's tokens; every other embedding row stays zero through SFT (restricted_vocab_loss)
+        used = torch.tensor(sorted({t for ids, _ in sft for t in ids} | set(qwen_stop_ids(tokenizer))))
+        outside = torch.ones(config.vocab_size, dtype=torch.bool)
+        outside[used] = False
+        with torch.no_grad():
+            model.get_input_embeddings().weight[outside] = 0.0
+        print(f"task tokens: {len(used)} of {config.vocab_size}", flush=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -200,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
             order.extend(fresh)
         idx, order = order[: args.batch_size], order[args.batch_size :]
         batch = collate([sft[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        loss = restricted_vocab_loss(model, batch, used) if qwen else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,23 +326,20 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"step {step:5d}  loss {running:.4f}  t={time.perf_counter() - start - eval_time:6.1f}s", flush=True)
         if args.eval_every and step >= args.eval_from and step % args.eval_every == 0 and step != args.steps:
             t0 = time.perf_counter()
-            greedy = evaluate(model, tokenizer, test, sample=False, seed=args.seed, max_new_tokens=args.max_new_tokens)
-            sampled = evaluate(model, tokenizer, test, sample=True, seed=args.seed, max_new_tokens=args.max_new_tokens)
+            for form, (greedy, sampled) in evaluate_all(model, tokenizer, test, args).items():
+                report(f"eval {form}", step, greedy, sampled, t0 - start - eval_time)
             eval_time += time.perf_counter() - t0
-            report("eval", step, greedy, sampled, time.perf_counter() - start - eval_time)
     train_time = time.perf_counter() - start - eval_time
+    if qwen:  # the rows SFT never used get a fresh initialisation's values (a seeded draw), then bf16
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(args.seed)) * config.initializer_range
+            weight[outside] = noise[outside]
+        model.to(torch.bfloat16).to(torch.float32)  # evaluate exactly what is saved
 
-    greedy = evaluate(model, tokenizer, test, sample=False, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    sampled = evaluate(model, tokenizer, test, sample=True, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    report("final", args.steps, greedy, sampled, train_time)
-    lengths = sorted(greedy["lengths"])
-    q = lambda f: lengths[min(len(lengths) - 1, int(f * len(lengths)))]  # noqa: E731
-    print(f"greedy response tokens (incl. EOS): min {lengths[0]} p10 {q(0.1)} median {q(0.5)} "
-          f"p90 {q(0.9)} max {lengths[-1]} mean {sum(lengths) / len(lengths):.1f}")
-    for p, text in list(zip(test, greedy["texts"]))[:5]:
-        print(f"  {p['prompt'].strip()!r} -> {text!r} (gold {p['answer']})")
-
+    results = evaluate_all(model, tokenizer, test, args)
     summary = {
+        "model": args.model,
         "steps": args.steps,
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -235,22 +347,39 @@ def main(argv: list[str] | None = None) -> dict:
         "n_params": n_params,
         "sft_seconds": round(train_time, 1),
         "test_prompts": len(test),
-        "greedy_accuracy": greedy["accuracy"],
-        "greedy_format": greedy["format"],
-        "sampled_accuracy_t1": sampled["accuracy"],
-        "sampled_format_t1": sampled["format"],
-        "greedy_mean_response_tokens": sum(lengths) / len(lengths),
     }
+    for form, (greedy, sampled) in results.items():
+        report(f"final {form}", args.steps, greedy, sampled, train_time)
+        lengths = sorted(greedy["lengths"])
+        q = lambda f: lengths[min(len(lengths) - 1, int(f * len(lengths)))]  # noqa: E731
+        print(f"greedy response tokens (incl. the stop token): min {lengths[0]} p10 {q(0.1)} median {q(0.5)} "
+              f"p90 {q(0.9)} max {lengths[-1]} mean {sum(lengths) / len(lengths):.1f}")
+        for p, text in list(zip(test, greedy["texts"]))[:3]:
+            print(f"  {p['prompt'].strip()!r} -> {text!r} (gold {p['answer']})")
+        suffix = "" if form == "plain" and not qwen else f"_{form}"
+        summary.update({
+            f"greedy_accuracy{suffix}": greedy["accuracy"],
+            f"greedy_format{suffix}": greedy["format"],
+            f"greedy_stopped{suffix}": greedy["stopped"],
+            f"sampled_accuracy_t1{suffix}": sampled["accuracy"],
+            f"sampled_format_t1{suffix}": sampled["format"],
+            f"greedy_mean_response_tokens{suffix}": sum(lengths) / len(lengths),
+        })
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
+        stops = qwen_stop_ids(tokenizer) if qwen else tokenizer.eos_token_id
         model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
         )
+        if qwen:
+            model.to(torch.bfloat16)
         model.save_pretrained(args.out, safe_serialization=True)
         tokenizer.save_pretrained(args.out)
         _portable_tokenizer_class(args.out)
+        if qwen:  # built from the pinned package when the model is first loaded (apo_core.modeling)
+            (args.out / "tokenizer.json").unlink()
         (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved to {args.out}")
     return summary

@@ -51,7 +51,7 @@ def engine_for(cfg: ApoConfig, stage: str, model, tokenizer):
                       max_num_seqs=gen.max_num_seqs)
     else:
         kwargs = dict(batch_size=gen.batch_size, autocast_bf16=gen.autocast_bf16)
-    return make_engine(name, model, tokenizer, **kwargs)
+    return make_engine(name, model, tokenizer, stop_token_ids=gen.stop_token_ids, **kwargs)
 
 
 def read_prompts(prep: StageResult, split: str) -> list[PromptRecord]:

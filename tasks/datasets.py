@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 
-from apo_core.data import TEMPLATES, Cleaned, DatasetSpec, clean_rows, render_prompt, spec_for
+from apo_core.data import TEMPLATES, Cleaned, DatasetSpec, chat_prompt, clean_rows, render_prompt, spec_for
 
 from . import storage
 
@@ -53,8 +53,7 @@ def load_split(name: str, spec: DatasetSpec, split: str, path: str | None, limit
     paper = TEMPLATES["math" if spec.template == "math" else "gsm8k"]
 
     def chat(question: str) -> str:
-        messages = [{"role": "user", "content": render_prompt(question, paper)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, render_prompt(question, paper))
 
     uri = path or hub_uri(spec, split, name)
     cleaned = clean_rows(

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from apo_core.config import ApoConfig
-from apo_core.data import TEMPLATES, PromptRecord, embedded_prompt_set, spec_for
+from apo_core.data import TEMPLATES, PromptRecord, chat_prompt, embedded_prompt_set, spec_for
 from apo_core.modeling import load_tokenizer
 
 from . import storage
@@ -20,7 +20,11 @@ def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], di
     """(records, skipped counts '<split>/<reason>', provenance) for the configured data."""
     data = cfg.data
     if data.name == "embedded":
-        return embedded_prompt_set(data), {}, {"source": "apo_core.embedded", "template": "embedded"}
+        if data.template != "chat":
+            return embedded_prompt_set(data), {}, {"source": "apo_core.embedded", "template": "embedded"}
+        tokenizer = load_tokenizer(cfg.model.path)
+        records = embedded_prompt_set(data, lambda content: chat_prompt(tokenizer, content))
+        return records, {}, {"source": "apo_core.embedded", "template": "chat", "chat_template": tokenizer.chat_template}
     spec = spec_for(data)
     tokenizer = load_tokenizer(cfg.model.path)
     records: list[PromptRecord] = []
@@ -60,5 +64,6 @@ def preprocess(ctx: RunContext) -> StageResult:
         io.tracker.log_dict(io.mlflow_run_id, provenance, "provenance.json")
         return metrics, {"prompts": io.path("prompts.parquet"), "provenance": io.path("provenance.json")}
 
-    fp = fingerprint(cfg.data.model_dump(), cfg.model.path if cfg.data.name != "embedded" else None)
+    uses_model = cfg.data.name != "embedded" or cfg.data.template == "chat"  # its tokenizer renders or counts the prompts
+    fp = fingerprint(cfg.data.model_dump(), cfg.model.path if uses_model else None)
     return run_stage(ctx, "preprocess", fp, body)

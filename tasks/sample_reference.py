@@ -25,7 +25,7 @@ from apo_core.rollouts import sample_reference as sample
 from . import storage
 from .faults import failpoint
 from .common import engine_for, load_model, read_prompts, verifier_metrics
-from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts
 
 STAGE = "sample_reference"
 
@@ -36,7 +36,8 @@ FanOut = Callable[[list[list[int]], StageIO], None]
 
 def stage_fingerprint(cfg: ApoConfig, prep: StageResult) -> str:
     # reference.shards only spreads the same shards over flow runs: the samples do not depend on it.
-    return fingerprint(cfg.model.model_dump(), cfg.reference.model_dump(exclude={"shards"}), cfg.reward_name, prep.fingerprint)
+    return fingerprint(cfg.model.model_dump(), cfg.reference.model_dump(exclude={"shards"}), cfg.reward_name, prep.fingerprint,
+                       *sampling_parts(cfg))
 
 
 def shard_plan(ctx: RunContext, prep: StageResult) -> tuple[list[list[PromptRecord]], list[str]]:

@@ -73,6 +73,13 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def sampling_parts(cfg) -> list:
+    """Fingerprint parts of the generation settings that change what a model samples: the stop
+    tokens when set (when unset they follow the model, which the fingerprints cover already)."""
+    stops = cfg.generation.stop_token_ids
+    return [{"stop_token_ids": stops}] if stops else []
+
+
 @dataclass
 class PeakRSS:
     """Peak resident memory of this process while a block runs (sampled every 20 ms)."""

@@ -29,7 +29,7 @@ from . import storage
 from .common import engine_for, load_model, read_prompts, verifier_metrics
 from .faults import failpoint
 from .preflight import check_vstar_belongs
-from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
 _RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
@@ -146,7 +146,8 @@ def _rank_main(spec_path: str) -> None:
 def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> StageResult:
     cfg = ctx.config
     resume_fp = fingerprint(
-        cfg.train.model_dump(exclude=_RESUMABLE_CHANGES), cfg.model.model_dump(), cfg.reward_name, vstar.fingerprint
+        cfg.train.model_dump(exclude=_RESUMABLE_CHANGES), cfg.model.model_dump(), cfg.reward_name, vstar.fingerprint,
+        *sampling_parts(cfg),
     )
 
     def body(io: StageIO):
