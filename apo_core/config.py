@@ -63,7 +63,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = "embedded"
-    """Reference model: `embedded` (the tiny Qwen2 shipped in apo_core/assets), a local directory, or a hub id."""
+    """Reference model: `embedded` (the tiny byte-level Qwen2 shipped in apo_core/assets), `embedded-qwen` (a small Qwen2 with Qwen2.5's tokenizer, 151,936-row vocabulary and ChatML), a local Hugging Face folder, or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training (master weights)."""
     device: str = "auto"

@@ -67,8 +67,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_tokenizer(path: str):
-    """Tokenizer of a local folder or hub id, padding on the left (batched generation)."""
+def load_tokenizer(path: str, pad_fallback: bool = True):
+    """Tokenizer of a local folder or hub id, padding on the left (batched generation); without a
+    pad token it pads with eos (padding is masked everywhere), unless `pad_fallback` is off."""
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(path)
@@ -76,7 +77,7 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"model {path!r}: no such folder, and not a hub id (owner/name)")
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
+    if pad_fallback and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -269,8 +270,9 @@ class _ChunkedScores:
     """Stands in for a causal LM's output layer during one forward: given the final hidden states
     of the last T+1 columns, it returns per-token scores (B, T, k) of the T response tokens
     instead of (B, T+1, V) logits. The logits are computed LOGITS_CHUNK_ELEMENTS at a time and,
-    when gradients are needed, recomputed chunk by chunk in the backward pass (activation
-    checkpointing), so no B x T x V tensor exists in the forward or the backward. It calls the
+    when gradients are needed and there is more than one chunk, recomputed chunk by chunk in the
+    backward pass (activation checkpointing), so no B x T x V tensor exists in the forward or
+    the backward. It calls the
     real output module, so ZeRO-3's gathering hooks and a LoRA adapter on it apply."""
 
     def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
@@ -282,9 +284,10 @@ class _ChunkedScores:
         h = hidden[:, -(T + 1) : -1].reshape(B * T, -1)  # column j predicts token j+1
         targets = self.targets.reshape(B * T)
         parts = []
+        recompute = torch.is_grad_enabled() and B * T > self.chunk  # one chunk: its logits are small enough to keep
         for start in range(0, B * T, self.chunk):
             rows = slice(start, start + self.chunk)
-            if torch.is_grad_enabled():
+            if recompute:
                 parts.append(torch.utils.checkpoint.checkpoint(_score_chunk, self.head, h[rows], targets[rows],
                                                                self.with_entropy, use_reentrant=False))
             else:

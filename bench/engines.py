@@ -152,9 +152,10 @@ def raw_vllm(model, tok, ids, max_num_seqs: int, s: dict) -> dict:
         gc.collect()
 
 
-def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str) -> dict:
-    """apo's stage-1 path: the engine the stage would build (default generation settings),
-    sample_reference with the embedded reward, rows written to Parquet as the stage writes them."""
+def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str, model_path: str = "embedded") -> dict:
+    """apo's stage-1 path: the engine the stage would build for `model` loaded from `model_path`
+    (default generation settings), sample_reference with the embedded reward, rows written to
+    Parquet as the stage writes them."""
     import polars as pl
 
     from apo_core.config import ApoConfig
@@ -163,7 +164,8 @@ def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str) -> 
     from tasks import storage
     from tasks.common import engine_for
 
-    engine = engine_for(ApoConfig(generation={"engine": ENGINES[engine_name]}), "sample_reference", model, tok)
+    cfg = ApoConfig(model={"path": model_path}, generation={"engine": ENGINES[engine_name]})
+    engine = engine_for(cfg, "sample_reference", model, tok)
     reward = get_reward("embedded")
 
     def stage(recs, name: str) -> int:
@@ -178,7 +180,8 @@ def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str) -> 
         settings = {"max_num_seqs": engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs}
     else:
         settings = {"batch_size": engine.batch_size, "autocast_bf16": engine.autocast_bf16}
-    return {**_timed(lambda: stage(records, "samples")), "engine": engine.name, "engine_settings": settings}
+    return {**_timed(lambda: stage(records, "samples")), "engine": engine.name, "engine_settings": settings,
+            "stop_token_ids": list(engine.stop_ids)}
 
 
 def child_stage1(engine: str, dtype: str, s: dict) -> dict:

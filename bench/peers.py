@@ -655,13 +655,15 @@ def _tree_rss_mb(proc) -> float:
     return total / 2**20
 
 
-def run_child(spec: dict, log_dir: Path, name: str) -> dict:
+def run_child(spec: dict, log_dir: Path, name: str, script: Path | None = None) -> dict:
     """child_main(spec) in a fresh interpreter (this one's), its output in <log_dir>/<name>.log;
-    the parent polls the child's process tree for its peak RSS."""
+    the parent polls the child's process tree for its peak RSS. `script`: another bench script
+    that answers `--child SPEC --result PATH` the same way (default: this one)."""
     import psutil
 
+    script = Path(script or __file__).resolve()
     result, log = log_dir / f"{name}.json", log_dir / f"{name}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--result", str(result)]
+    cmd = [sys.executable, str(script), "--child", json.dumps(spec), "--result", str(result)]
     print(f"  {name} ...", end=" ", flush=True)
     start, load = time.perf_counter(), os.getloadavg()
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
@@ -682,7 +684,7 @@ def run_child(spec: dict, log_dir: Path, name: str) -> dict:
         watcher.join()
     if code:
         tail = "".join(log.read_text().splitlines(True)[-30:])
-        sys.exit(f"\npeers: child {name} failed (exit {code}); last lines of {log}:\n{tail}")
+        sys.exit(f"\n{script.stem}: child {name} failed (exit {code}); last lines of {log}:\n{tail}")
     out = json.loads(result.read_text())
     wall = time.perf_counter() - start
     print(f"{wall:.0f}s", flush=True)

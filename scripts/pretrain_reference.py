@@ -59,12 +59,13 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa
 from apo_core.embedded import make_problems  # noqa: E402
 from apo_core.rewards import gsm8k_reward  # noqa: E402
 from apo_core.data import chat_prompt  # noqa: E402
+from apo_core.decoding import decode  # noqa: E402
 from apo_core.tokenizer import QWEN_VOCAB_SIZE, build_byte_tokenizer, build_qwen_tokenizer  # noqa: E402
 
 DEFAULT_OUT = {"embedded": REPO / "apo_core" / "assets" / "embedded-reference",
                "qwen": REPO / "apo_core" / "assets" / "embedded-qwen"}
 # --model qwen: the settings the committed embedded-qwen was made with (the embedded default's are the argparse defaults).
-QWEN_DEFAULTS = {"steps": 2000, "lr": 2e-3, "max_position_embeddings": 2048}
+QWEN_DEFAULTS = {"steps": 1125, "lr": 2e-3, "max_position_embeddings": 2048}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,17 +211,21 @@ def evaluate(model, tokenizer, problems: list[dict], *, sample: bool, seed: int,
     enc = tokenizer(prompts or [p["prompt"] for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stops if stop_ids else stops[0],
-        **kwargs,
-    )
+    if stop_ids:  # apo's decoder: generate's torch.multinomial over a 151,936-token vocabulary takes minutes here
+        continuation = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                              eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, temperature=1.0 if sample else 0.0)
+    else:
+        kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops[0],
+            **kwargs,
+        )
+        continuation = out[:, enc["input_ids"].shape[1] :]
     torch.set_rng_state(state)
     model.train()
-    continuation = out[:, enc["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(continuation, skip_special_tokens=True)
     rewards = gsm8k_reward(texts, [p["answer"] for p in problems])
     lengths, stopped = [], 0  # response tokens including the stop token (max_new_tokens when it never stops)

@@ -1,6 +1,8 @@
 """Checks a run passes before any expensive work (model load, generation) starts: the model
-folder holds a config, readable weights and a tokenizer; data files exist and look whole; the
-template renders; the artifact root takes a write. Each failure is one line naming the setting.
+folder holds a config, readable weights and a tokenizer that fit together (vocabulary, stop
+tokens, a chat template where one is used); data files exist and look whole; the template
+renders; the artifact root takes a write. Each failure is one line naming the setting; where apo
+falls back instead (no pad token), it says so in one warning line.
 
 The stage-level guard `check_vstar_belongs` lives here too: stage 2 refuses a V* table whose
 prompts are not the run's own (another run's aggregate_vstar output).
@@ -16,6 +18,7 @@ from typing import Iterable
 
 from apo_core.config import ApoConfig
 from apo_core.data import TEMPLATES, spec_for
+from apo_core.modeling import EMBEDDED_MODELS
 
 from . import storage
 
@@ -78,9 +81,9 @@ def check_safetensors(uri: str) -> None:
 
 
 def check_model(path: str, setting: str = "model.path") -> None:
-    """`path` is `embedded`, a hub id, or a folder (local or fsspec) with config.json, weights and
-    a tokenizer."""
-    if path == "embedded":
+    """`path` is a built-in model, a hub id, or a folder (local or fsspec) with config.json,
+    weights and a tokenizer."""
+    if path in EMBEDDED_MODELS:
         return
     local = storage.is_local(path)
     if local and not os.path.exists(storage.local_path(path)):
@@ -108,6 +111,61 @@ def check_model(path: str, setting: str = "model.path") -> None:
     for name in sorted(weights):
         if name.endswith(".safetensors"):
             check_safetensors(names[name])
+
+
+def _eos_ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def check_model_tokens(cfg: ApoConfig) -> None:
+    """The tokenizer, the model's vocabulary, the stop tokens and the template fit together.
+    Fatal: a chat template missing where `data.template` is `chat`, a stop token outside the
+    vocabulary, a vocabulary smaller than the tokenizer. A warning where apo falls back (no pad
+    token: it pads with eos). Local folders and built-in models: the tokenizer is loaded (no
+    weights); fsspec folders: what their JSON files say."""
+    path = cfg.model.path
+    if not storage.is_local(path) or path in EMBEDDED_MODELS or os.path.isdir(storage.local_path(path)):
+        from apo_core.modeling import resolve_model_path
+
+        folder = resolve_model_path(path) if path in EMBEDDED_MODELS else path
+    else:
+        return  # a hub id: resolved by transformers at load
+    names = {uri.rstrip("/").rsplit("/", 1)[-1]: uri for uri in storage.listing(folder)}
+    config = storage.read_json(names["config.json"]) if "config.json" in names else {}
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    generation = storage.read_json(names["generation_config.json"]) if "generation_config.json" in names else {}
+    tok_config = storage.read_json(names["tokenizer_config.json"]) if "tokenizer_config.json" in names else {}
+    has_chat = bool(tok_config.get("chat_template")) or "chat_template.jinja" in names or "chat_template.json" in names
+    tokenizer = None
+    if storage.is_local(folder):
+        from apo_core.modeling import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(storage.local_path(folder) if path not in EMBEDDED_MODELS else path, pad_fallback=False)
+        except Exception as exc:  # noqa: BLE001 - any loader failure is this one refusal
+            _fail(f"model.path {storage.redact(path)}: its tokenizer does not load ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
+        has_chat = has_chat or bool(getattr(tokenizer, "chat_template", None))
+    if cfg.data.template == "chat" and not has_chat:
+        _fail(f"data.template is chat, but the tokenizer of model.path {storage.redact(path)} has no chat template "
+              "(tokenizer_config.json chat_template or chat_template.jinja); use data.template=auto or a {question} string")
+    if tokenizer is not None and vocab and len(tokenizer) > int(vocab):
+        _fail(f"model.path {storage.redact(path)}: the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary "
+              f"only {int(vocab):,} rows (config.json vocab_size): ids past {int(vocab) - 1} would index out of range")
+    configured = cfg.generation.stop_token_ids
+    stops = configured or _eos_ids(generation.get("eos_token_id")) + _eos_ids(getattr(tokenizer, "eos_token_id", None))
+    setting = "generation.stop_token_ids" if configured else f"the eos token of model.path {storage.redact(path)}"
+    limit = int(vocab) if vocab else len(tokenizer) if tokenizer is not None else None  # ids the model can emit
+    outside = [t for t in stops if limit is not None and not 0 <= t < limit]
+    if outside:
+        _fail(f"{setting}: stop token {outside[0]} is outside the vocabulary (ids 0-{limit - 1}), so no response "
+              "could end on it")
+    if not stops:
+        _fail(f"model.path {storage.redact(path)}: no stop token (no eos in generation_config.json or the tokenizer); "
+              "set generation.stop_token_ids")
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        print(f"[preflight] WARNING: the tokenizer of model.path {storage.redact(path)} has no pad token; apo pads "
+              f"with its eos token {tokenizer.eos_token!r} (padding is masked, so scores do not change)", flush=True)
 
 
 def check_data_file(uri: str, setting: str) -> None:
@@ -171,6 +229,7 @@ def preflight(cfg: ApoConfig, run_uri: str) -> None:
     """Every cheap check of a run, in order; the first failure raises PreflightError (one line)."""
     check_data(cfg)
     check_model(cfg.model.path)
+    check_model_tokens(cfg)
     check_artifact_root(run_uri)
 
 

@@ -24,7 +24,8 @@ def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], di
             return embedded_prompt_set(data), {}, {"source": "apo_core.embedded", "template": "embedded"}
         tokenizer = load_tokenizer(cfg.model.path)
         records = embedded_prompt_set(data, lambda content: chat_prompt(tokenizer, content))
-        return records, {}, {"source": "apo_core.embedded", "template": "chat", "chat_template": tokenizer.chat_template}
+        return records, {}, {"source": "apo_core.embedded", "template": "chat", "chat_template": tokenizer.chat_template,
+                             "prompt_tokens": prompt_token_stats(records, tokenizer)}
     spec = spec_for(data)
     tokenizer = load_tokenizer(cfg.model.path)
     records: list[PromptRecord] = []
@@ -39,8 +40,19 @@ def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], di
         skipped.update({f"{split}/{reason}": n for reason, n in cleaned.skipped.items()})
         sources[split] = uri
     provenance = {"sources": sources, "hub_revision": spec.hub_revision, "template": TEMPLATES.get(spec.template, spec.template),
-                  "prompt_field": spec.prompt_field, "answer_field": spec.answer_field, "answer_from": spec.answer_from}
+                  "prompt_field": spec.prompt_field, "answer_field": spec.answer_field, "answer_from": spec.answer_from,
+                  "prompt_tokens": prompt_token_stats(records, tokenizer)}
     return records, skipped, provenance
+
+
+def prompt_token_stats(records: list[PromptRecord], tokenizer) -> dict[str, dict[str, float]]:
+    """Rendered prompts' lengths in the model's tokens per split: mean, median, max."""
+    out = {}
+    for split in sorted({r.split for r in records}):
+        prompts = [r.prompt for r in records if r.split == split]
+        n = sorted(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        out[split] = {"mean": round(sum(n) / len(n), 1), "median": float(n[len(n) // 2]), "max": float(n[-1])}
+    return out
 
 
 @task(name="preprocess", cache_policy=NO_CACHE, retries=1)
@@ -56,6 +68,8 @@ def preprocess(ctx: RunContext) -> StageResult:
         metrics = {f"data/{s}": float(n) for s, n in df.group_by("split").len().iter_rows()}
         metrics.update({f"data/skipped/{k}": float(v) for k, v in skipped.items()})
         metrics["data/train_test_overlap"] = float(len(overlap))
+        for split, stats in provenance.get("prompt_tokens", {}).items():
+            metrics.update({f"data/prompt_tokens_{k}/{split}": v for k, v in stats.items()})
         if skipped:
             print(f"[preprocess] skipped rows: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}")
         if overlap:

@@ -30,8 +30,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import fsspec
 import polars as pl
 
-CACHE_DIR = Path(os.environ.get("APO_CACHE_DIR", Path.home() / ".cache" / "apo"))
-
 T = TypeVar("T")
 
 
@@ -323,10 +321,12 @@ def localize_dir(uri: str) -> Path:
     if is_local(uri):
         return local_path(uri)
     fs, path = fs_path(uri)
-    target = CACHE_DIR / "downloads" / path.strip("/").replace("/", "__")
+    from apo_core.tokenizer import cache_dir  # the one cache folder of apo ($APO_CACHE_DIR)
+
+    target = cache_dir() / "downloads" / path.strip("/").replace("/", "__")
     if not target.exists():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".dl-"))
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".dl-"))
 
         def fresh() -> None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -49,6 +49,22 @@ def test_two_process_zero_matches_one_process(zero, single_process, tiny_model_d
     assert (tmp_path / "checkpoints" / "step_000003" / "ds").is_dir()  # ZeRO shards for a resume
 
 
+def test_zero3_scores_a_partitioned_qwen_vocabulary_head_like_one_process(tmp_path):
+    """embedded-qwen under ZeRO-3: its 151,936-row tied embedding / output layer is partitioned
+    over the ranks, and the chunked log-probabilities (several chunks a row here) gather it per
+    chunk, forward and recomputed in the backward; losses and weights equal one process's."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    single, ranks = tmp_path / "single", tmp_path / "zero3"
+    single.mkdir(), ranks.mkdir()
+    _run([sys.executable, str(WORKER), "embedded-qwen", str(single), "none"], single)
+    _run([str(torchrun), "--standalone", "--nproc_per_node=2", str(WORKER), "embedded-qwen", str(ranks), "3"], ranks)
+    (ref_losses, ref_weights), (losses, weights) = _result(single), _result(ranks)
+    assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+    assert weights["model.embed_tokens.weight"].shape == (151_936, 64)  # gathered whole for the save
+    for k, v in ref_weights.items():
+        assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
+
+
 def test_pipeline_trains_on_two_deepspeed_ranks(prefect_api, tiny_model_dir, tmp_path):
     """train.deepspeed in a pipeline run: the stage launches 2 ranks (torchrun), which train and
     checkpoint; the stage publishes the gathered model and logs every step."""

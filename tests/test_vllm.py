@@ -214,3 +214,27 @@ def test_engine_choice_and_lazy_import(tmp_path, monkeypatch):
     code = "import sys, apo_core.engines, apo_core.trainer, tasks.common; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # vLLM is imported only when a VLLMEngine is built
+
+
+def test_qwen_vocabulary_model_agrees_with_transformers_and_stops_on_both_stop_tokens():
+    """embedded-qwen (151,936-row vocabulary, ChatML): vLLM and transformers give the same greedy
+    tokens, vLLM's log-probs equal apo's chunked ones, and <|im_end|> / <|endoftext|> end the
+    ChatML / plain answers on both. Last in the module: its architecture replaces the shared engine."""
+    from apo_core.data import chat_prompt
+
+    model, tok = load_model_and_tokenizer("embedded-qwen", "float32", "cpu")
+    problems = make_problems("test", 12)
+    prompts = [chat_prompt(tok, p["prompt"].strip()) for p in problems[:6]] + [p["prompt"] for p in problems[6:]]
+    vllm_out = VLLMEngine(model, tok).generate(prompts, temperature=0.0, max_new_tokens=64, logprobs=True)
+    hf_out = TransformersEngine(model, tok, autocast_bf16=False).generate(prompts, temperature=0.0, max_new_tokens=64)
+    assert [c.token_ids for c in vllm_out] == [c.token_ids for c in hf_out]
+    assert [c.token_ids[-1] for c in vllm_out] == [151645] * 6 + [151643] * 6
+    assert all(c.finish_reason == "stop" for c in vllm_out + hf_out)
+    batch = collate([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], [c.token_ids for c in vllm_out],
+                    tok.pad_token_id)
+    with torch.no_grad():
+        torch_lp = response_logprobs(model, batch)
+    out = torch.zeros_like(torch_lp)
+    for i, c in enumerate(vllm_out):
+        out[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    torch.testing.assert_close(out, torch_lp, atol=LOGPROB_ATOL, rtol=0)
