@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import everywhere, partitioned
 from .modeling import accepts_logits_to_keep, causal_lm, left_pad_positions
 
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
@@ -61,8 +62,12 @@ def decode(
     With `KVDecoder`, rows that finished are dropped from the forward once a quarter of the
     active rows have finished since the last drop. Tokens are still drawn for all B rows,
     finished ones from placeholder logits and then discarded, so the random stream, and every
-    token, is the same as without dropping."""
+    token, is the same as without dropping.
+
+    Under ZeRO-3 every forward is a collective: ranks stop together, when every rank's rows have
+    finished (a rank whose rows are done keeps stepping them, discarding the tokens)."""
     fast = KVDecoder.of(model) if kv_decoder else None
+    lockstep = partitioned(model)
     B, device = input_ids.shape[0], input_ids.device
     step = fast.step_fn(B, input_ids.shape[1] + max_new_tokens) if fast else _forward_step(model)
     positions = left_pad_positions(attention_mask)
@@ -79,10 +84,11 @@ def decode(
         token = next_tokens(logits, temperature, top_p).masked_fill(finished, pad_token_id)
         out[:, t] = token
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or t + 1 == max_new_tokens:  # a device sync per token, as generate's stopping check
+        done = bool(finished.all())  # a device sync per token, as generate's stopping check
+        if (everywhere(done, device) if lockstep else done) or t + 1 == max_new_tokens:
             break
         running = ~finished[rows]
-        if fast is not None and int(running.sum()) <= 0.75 * len(rows):
+        if fast is not None and 0 < int(running.sum()) <= 0.75 * len(rows):  # never drop the last rows
             keep = running.nonzero().squeeze(1)
             step.keep_rows(keep)
             rows, positions, mask = rows[keep], positions[keep], mask[keep]

@@ -74,3 +74,19 @@ def gathered(module: torch.nn.Module):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `module`'s parameters: then every forward of a submodule is a
+    collective (its hooks all-gather, even inside `gathered`), so all ranks must make the same calls."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def everywhere(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """`flag` and-ed over all ranks (a collective; `device`: where the backend reduces, CUDA for
+    nccl); `flag` itself outside a distributed launch."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())

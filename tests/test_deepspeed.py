@@ -65,6 +65,22 @@ def test_zero3_scores_a_partitioned_qwen_vocabulary_head_like_one_process(tmp_pa
         assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
 
 
+def test_zero3_ranks_whose_answers_end_at_different_steps_decode_together(tmp_path):
+    """Under ZeRO-3 every forward is a collective: a rank whose rows have all stopped keeps
+    stepping until every rank's have (it used to stop alone and hang the others). Each rank's
+    greedy answer equals one process's."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    single, ranks = tmp_path / "single", tmp_path / "zero3"
+    single.mkdir(), ranks.mkdir()
+    _run([sys.executable, str(WORKER), "embedded", str(single), "none", "generate"], single)
+    _run([str(torchrun), "--standalone", "--nproc_per_node=2", str(WORKER), "embedded", str(ranks), "3", "generate"], ranks)
+    expected = json.loads((single / "answers_0.json").read_text())
+    short, long = expected.values()
+    assert len(long) > len(short)  # rank 0's answer stops before rank 1's
+    got = {**json.loads((ranks / "answers_0.json").read_text()), **json.loads((ranks / "answers_1.json").read_text())}
+    assert got == expected
+
+
 def test_pipeline_trains_on_two_deepspeed_ranks(prefect_api, tiny_model_dir, tmp_path):
     """train.deepspeed in a pipeline run: the stage launches 2 ranks (torchrun), which train and
     checkpoint; the stage publishes the gathered model and logs every step."""

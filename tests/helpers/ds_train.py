@@ -1,7 +1,9 @@
 """Train the tiny model for a few A*-PO steps on fixed rollouts and write the losses and
 final weights: run as one plain process, or under `torchrun --nproc_per_node=K` with ZeRO.
+With `generate`: greedy answers of the real engine instead, one rank's rows stopping long
+before the other's, written per rank.
 
-usage: ds_train.py MODEL_DIR OUT_DIR ZERO_STAGE|none
+usage: ds_train.py MODEL_DIR OUT_DIR ZERO_STAGE|none [generate]
 """
 
 import json
@@ -11,7 +13,8 @@ from pathlib import Path
 import torch
 
 from apo_core.config import DeepSpeedSettings, TrainConfig
-from apo_core.engines import Completion
+from apo_core.distributed import gathered
+from apo_core.engines import Completion, TransformersEngine
 from apo_core.modeling import load_model_and_tokenizer, reference_of
 from apo_core.rewards import gsm8k_reward
 from apo_core.trainer import OnlineTrainer, TrainPrompt
@@ -59,5 +62,23 @@ def main(model_dir: str, out_dir: str, zero: str) -> None:
         (out / "losses.json").write_text(json.dumps(losses))
 
 
+# a one-step question and a three-step one: greedy answers of very different lengths
+GENERATE_PROMPTS = ["3+4=?\n", "37+48-12+55-21=?\n"]
+
+
+def generate(model_dir: str, out_dir: str, zero: str) -> None:
+    """Greedy answers through the trainer's own path (the real engine, weights gathered), rank r
+    answering GENERATE_PROMPTS[r::world]; writes {prompt: token ids} to answers_<rank>.json."""
+    model, tok = load_model_and_tokenizer(model_dir)
+    engine = TransformersEngine(model, tok, autocast_bf16=False)
+    ds = None if zero == "none" else DeepSpeedSettings(zero_stage=int(zero))
+    cfg = TrainConfig(steps=1, rollout_batch_size=2, minibatch_size=2, max_new_tokens=64, deepspeed=ds)
+    trainer = OnlineTrainer(model, reference_of(model), tok, engine, gsm8k_reward, cfg)
+    prompts = GENERATE_PROMPTS[trainer.rank :: trainer.world_size]
+    with gathered(trainer.policy):
+        answers = engine.generate(prompts, temperature=0.0, max_new_tokens=64)
+    Path(out_dir, f"answers_{trainer.rank}.json").write_text(json.dumps({p: a.token_ids for p, a in zip(prompts, answers)}))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    (generate if sys.argv[4:5] == ["generate"] else main)(*sys.argv[1:4])
