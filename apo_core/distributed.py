@@ -82,11 +82,16 @@ def partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def everywhere(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """`flag` and-ed over all ranks (a collective; `device`: where the backend reduces, CUDA for
-    nccl); `flag` itself outside a distributed launch."""
+def all_max(n: int, device: torch.device | str = "cpu") -> int:
+    """The largest `n` over all ranks (a collective; `device`: where the backend reduces, CUDA for
+    nccl); `n` itself outside a distributed launch."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def everywhere(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """`flag` and-ed over all ranks (a collective); `flag` itself outside a distributed launch."""
+    return all_max(int(not flag), device) == 0

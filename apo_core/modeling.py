@@ -211,6 +211,15 @@ class TokenBatch:
     def select(self, rows: slice | Tensor) -> "TokenBatch":
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows])
 
+    def with_response_len(self, T: int) -> "TokenBatch":
+        """The response block cut to its first T tokens, or right-padded to T with masked ones."""
+        extra = T - self.response_mask.shape[1]
+        if extra <= 0:
+            end = self.prompt_len + T
+            return TokenBatch(self.input_ids[:, :end], self.attention_mask[:, :end], self.response_mask[:, :T])
+        pad = lambda x: torch.nn.functional.pad(x, (0, extra))  # noqa: E731 - zeros: masked positions
+        return TokenBatch(pad(self.input_ids), pad(self.attention_mask), pad(self.response_mask))
+
 
 def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
     """Left-pad prompts and right-pad responses into one TokenBatch."""

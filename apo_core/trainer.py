@@ -29,7 +29,7 @@ import torch
 
 from .config import TrainConfig
 from .engines import GenerationEngine
-from .distributed import gathered
+from .distributed import all_max, gathered, partitioned
 from .modeling import collate, is_peft, response_logprobs
 from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
@@ -183,6 +183,8 @@ class OnlineTrainer:
             self.ds, self.optimizer, _, _ = deepspeed.initialize(
                 model=policy, optimizer=self.optimizer, config=distributed.ds_config(cfg.deepspeed, cfg, self.world_size))
             self.device = self.ds.device
+        # ZeRO-3: every call of a partitioned module is a collective, so ranks score blocks of one shape
+        self.lockstep = self.ds is not None and partitioned(policy)
         self.step = 0  # rollout steps completed
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
         self.last_checkpoint: Path | None = None
@@ -232,6 +234,7 @@ class OnlineTrainer:
 
         tokens = collate(self.engine.prompt_token_ids([p.prompt for p in batch]), [c.token_ids for c in completions],
                          self.tokenizer.pad_token_id).to(self.device)
+        tokens = tokens.with_response_len(self._same_on_every_rank(tokens.response_mask.shape[1]))
         reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         vstar_t = torch.tensor([p.vstar for p in batch], dtype=torch.float32, device=self.device)
         with torch.no_grad():
@@ -245,8 +248,8 @@ class OnlineTrainer:
             rows = slice(k * M, (k + 1) * M)
             mb = tokens.select(rows)
             # Trim the response block to this minibatch's longest response: less padding compute.
-            T = int(mb.response_mask.sum(-1).max().item())
-            mb = type(mb)(mb.input_ids[:, : mb.prompt_len + T], mb.attention_mask[:, : mb.prompt_len + T], mb.response_mask[:, :T])
+            T = self._same_on_every_rank(int(mb.response_mask.sum(-1).max().item()))
+            mb = mb.with_response_len(T)
             if cfg.entropy_coef > 0:
                 logp, token_entropies = response_logprobs(trained, mb, with_entropy=True)
             else:
@@ -386,6 +389,11 @@ class OnlineTrainer:
             raise FloatingPointError(
                 f"train_online: {self.nonfinite_streak} updates in a row had a non-finite loss or gradient, at rollout step "
                 f"{self.step + 1}; last good checkpoint: {self.last_checkpoint or 'none yet'}")
+
+    def _same_on_every_rank(self, n: int) -> int:
+        """`n` under one process; under ZeRO-3 the largest `n` of all ranks (response blocks of one
+        length, so each rank calls the partitioned output layer on as many logits chunks)."""
+        return all_max(n, self.device) if self.lockstep else n
 
     def _sync_engine(self) -> None:
         with gathered(self.policy):

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).parent / "helpers" / "ds_train.py"
 
 
-def _run(args: list[str], tmp: Path) -> None:
+def _run(args: list[str], tmp: Path, timeout: int = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -65,20 +65,24 @@ def test_zero3_scores_a_partitioned_qwen_vocabulary_head_like_one_process(tmp_pa
         assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
 
 
-def test_zero3_ranks_whose_answers_end_at_different_steps_decode_together(tmp_path):
-    """Under ZeRO-3 every forward is a collective: a rank whose rows have all stopped keeps
-    stepping until every rank's have (it used to stop alone and hang the others). Each rank's
-    greedy answer equals one process's."""
+def test_zero3_ranks_whose_responses_differ_in_length_decode_and_score_together(tmp_path):
+    """Under ZeRO-3 every call of a partitioned module is a collective. A rank whose rows have all
+    stopped keeps decoding until every rank's have, and ranks score response blocks of one length
+    (here one logits chunk per position), where they used to stop or score alone and crash or
+    hang the others. Each rank's greedy answer equals one process's."""
     torchrun = Path(sys.executable).parent / "torchrun"
     single, ranks = tmp_path / "single", tmp_path / "zero3"
     single.mkdir(), ranks.mkdir()
-    _run([sys.executable, str(WORKER), "embedded", str(single), "none", "generate"], single)
-    _run([str(torchrun), "--standalone", "--nproc_per_node=2", str(WORKER), "embedded", str(ranks), "3", "generate"], ranks)
-    expected = json.loads((single / "answers_0.json").read_text())
+    _run([sys.executable, str(WORKER), "embedded-qwen", str(single), "none", "generate"], single)
+    _run([str(torchrun), "--standalone", "--nproc_per_node=2", str(WORKER), "embedded-qwen", str(ranks), "3", "generate"],
+         ranks, timeout=300)
+    expected = json.loads((single / "answers_0.json").read_text())["answers"]
     short, long = expected.values()
     assert len(long) > len(short)  # rank 0's answer stops before rank 1's
-    got = {**json.loads((ranks / "answers_0.json").read_text()), **json.loads((ranks / "answers_1.json").read_text())}
-    assert got == expected
+    per_rank = [json.loads((ranks / f"answers_{r}.json").read_text()) for r in (0, 1)]
+    assert {**per_rank[0]["answers"], **per_rank[1]["answers"]} == expected
+    (n0,), (n1,) = (r["step"]["n_tokens"] for r in per_rank)  # each rank's rollout of its prompt
+    assert n0 != n1 and per_rank[0]["step"]["loss"] == per_rank[1]["step"]["loss"]  # the minibatch's, on both
 
 
 def test_pipeline_trains_on_two_deepspeed_ranks(prefect_api, tiny_model_dir, tmp_path):

@@ -68,7 +68,13 @@ GENERATE_PROMPTS = ["3+4=?\n", "37+48-12+55-21=?\n"]
 
 def generate(model_dir: str, out_dir: str, zero: str) -> None:
     """Greedy answers through the trainer's own path (the real engine, weights gathered), rank r
-    answering GENERATE_PROMPTS[r::world]; writes {prompt: token ids} to answers_<rank>.json."""
+    answering GENERATE_PROMPTS[r::world], then one real rollout step on both prompts with logits
+    scored one token per chunk (so ranks with different response lengths would score different
+    numbers of chunks). Writes {"answers": {prompt: token ids}, "step": n_tokens, loss} to
+    answers_<rank>.json."""
+    from apo_core import modeling
+
+    modeling.LOGITS_CHUNK_ELEMENTS = 1  # one position per chunk
     model, tok = load_model_and_tokenizer(model_dir)
     engine = TransformersEngine(model, tok, autocast_bf16=False)
     ds = None if zero == "none" else DeepSpeedSettings(zero_stage=int(zero))
@@ -77,7 +83,10 @@ def generate(model_dir: str, out_dir: str, zero: str) -> None:
     prompts = GENERATE_PROMPTS[trainer.rank :: trainer.world_size]
     with gathered(trainer.policy):
         answers = engine.generate(prompts, temperature=0.0, max_new_tokens=64)
-    Path(out_dir, f"answers_{trainer.rank}.json").write_text(json.dumps({p: a.token_ids for p, a in zip(prompts, answers)}))
+    metrics, samples = trainer.train_step([TrainPrompt(f"g{i}", p, "7", 0.5) for i, p in enumerate(GENERATE_PROMPTS)])
+    Path(out_dir, f"answers_{trainer.rank}.json").write_text(json.dumps({
+        "answers": {p: a.token_ids for p, a in zip(prompts, answers)},
+        "step": {"n_tokens": [s["n_tokens"] for s in samples], "loss": metrics["train/loss"]}}))
 
 
 if __name__ == "__main__":
