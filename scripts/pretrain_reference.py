@@ -36,6 +36,13 @@ vocabulary. Weights are saved in bfloat16 (~20 MB); tokenizer.json is not commit
 builds it from the pinned package on first load).
 
     python scripts/pretrain_reference.py --model qwen
+
+Measured (2 threads, torch 2.13 CPU, 2026-12-02): 10,241,600 parameters (9.7M of them the
+embedding), 1,125 steps of 64 problems in 517 s; on the 400 held-out prompts greedy accuracy
+18.8% in ChatML (format 99.5%, every answer but 2 ended by <|im_end|>) and 16.5% plain,
+temperature-1.0 sampled 15.3% / 13.8%; ~29 tokens per answer. With the unused rows still zero
+(before the noise) step 1,000 scored ~20% and 1,250 ~51%: the same steep rise as the embedded
+default, and 1,125 sits low in it to leave RL room (A*-PO lifts it to 72.5% in 40 steps, README).
 """
 
 from __future__ import annotations
@@ -93,25 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Both built-in models: RoPE, tied embeddings, head_dim 32 (>= 32 so vLLM's CPU attention accepts it).
+COMMON_CONFIG = dict(head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_cache=True,
+                     attention_dropout=0.0)
+
+
 def model_config(tokenizer) -> Qwen2Config:
-    vocab_size = int(math.ceil(len(tokenizer) / 8) * 8)
     return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # >= 32 so vLLM's CPU attention accepts it
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_cache=True,
-        attention_dropout=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=int(math.ceil(len(tokenizer) / 8) * 8), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **COMMON_CONFIG,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -119,22 +117,10 @@ def qwen_model_config(tokenizer) -> Qwen2Config:
     """Qwen2.5's vocabulary and special ids on a small body: the 151,936 x 64 tied embedding is
     most of the ~10M parameters, as the vocabulary dominates a real model's logits."""
     return Qwen2Config(
-        vocab_size=QWEN_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,  # >= 32 so vLLM's CPU attention accepts it
-        max_position_embeddings=QWEN_DEFAULTS["max_position_embeddings"],
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_cache=True,
-        attention_dropout=0.0,
-        bos_token_id=tokenizer.pad_token_id,  # Qwen2.5's configs: bos = <|endoftext|>, eos = <|im_end|>
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=QWEN_VOCAB_SIZE, hidden_size=64, intermediate_size=384, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=QWEN_DEFAULTS["max_position_embeddings"], **COMMON_CONFIG,
+        # Qwen2.5's configs: bos = <|endoftext|> (= pad), eos = <|im_end|>
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
 
