@@ -24,21 +24,26 @@ from .modeling import accepts_logits_to_keep, causal_lm, left_pad_positions
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
 
 
-def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
+def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, consume: bool = False) -> Tensor:
     """One token per row from the last position's logits: (B, V) -> (B,). temperature 0 is
-    greedy; top_p < 1 samples from the smallest set of tokens whose probability reaches top_p."""
+    greedy; top_p < 1 samples from the smallest set of tokens whose probability reaches top_p.
+    `consume`: `logits` (float32) may be overwritten, so no new (B, V) block is made."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # At most one new (B, V) block, worked on in place: at a 151,936-token vocabulary one is 150 MB
+    # at 256 rows, and on CPU every fresh one is page-faulted in (glibc maps it anew).
+    weights = logits.div_(temperature) if consume and logits.dtype == torch.float32 else logits.float() / temperature
+    weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()  # softmax numerators: the cdf is normalised by u
     if top_p < 1.0:
+        probs = weights / weights.sum(-1, keepdim=True)
         sorted_probs, index = probs.sort(dim=-1, descending=True)
         # drop a token when the ones ranked above it already reach top_p (the top one always stays)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = probs.scatter(-1, index, sorted_probs.masked_fill(outside, 0.0))
+        weights = probs.scatter(-1, index, sorted_probs.masked_fill(outside, 0.0))
     # inverse-CDF draw, one uniform per row (torch.multinomial takes ~15x longer on CPU at 512 x 264)
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    cdf = weights.cumsum_(-1)
+    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def decode(
@@ -81,7 +86,7 @@ def decode(
         logits = step(step_ids, positions, mask)
         if len(rows) < B:  # finished rows: uniform placeholders, drawn from and discarded
             logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, rows, logits)
-        token = next_tokens(logits, temperature, top_p).masked_fill(finished, pad_token_id)
+        token = next_tokens(logits, temperature, top_p, consume=True).masked_fill(finished, pad_token_id)
         out[:, t] = token
         finished |= torch.isin(token, stops)
         done = bool(finished.all())  # a device sync per token, as generate's stopping check
