@@ -120,3 +120,24 @@ def test_loss_is_zero_at_optimum():
     ratio = (rewards - v) / beta2
     loss, _ = apo_loss(ratio[:, None], torch.zeros(2, 1), mask, rewards, v, beta2)
     assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aggregate_vstar_per_prompt_and_refuses_uneven_sample_counts():
+    from apo_core.rollouts import aggregate_vstar
+
+    rows = aggregate_vstar(["a", "b", "a", "b"], [1.0, 0.0, 0.0, 0.0], beta1=0.5)
+    by_id = {r["prompt_id"]: r for r in rows}
+    assert by_id["a"]["n"] == 2 and by_id["a"]["mean_reward"] == 0.5 and by_id["a"]["pass_at_n"] == 1.0
+    assert by_id["a"]["vstar"] == pytest.approx(0.5 * (math.log(math.exp(2.0) + 1.0) - math.log(2.0)))
+    assert by_id["b"]["pass_at_n"] == 0.0 and by_id["b"]["vstar"] == pytest.approx(0.0)  # all-zero: what the filter drops
+    assert aggregate_vstar([], [], beta1=0.5) == []
+    with pytest.raises(ValueError, match=r"different sample counts \[1, 2\]"):
+        aggregate_vstar(["a", "a", "b"], [1.0, 0.0, 1.0], beta1=0.5)
+
+
+def test_mean_entropy_averages_response_positions_only():
+    from apo_core.objectives import mean_entropy
+
+    entropy = torch.tensor([[1.0, 3.0, float("nan")], [2.0, 0.5, 0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert mean_entropy(entropy, mask).item() == pytest.approx(2.0)  # (1 + 3 + 2) / 3; padding ignored, even NaN
