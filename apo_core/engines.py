@@ -73,21 +73,26 @@ class GenerationEngine(Protocol):
         ...
 
 
-def resolve_stop_ids(model, tokenizer, override: Sequence[int] | None = None) -> list[int]:
-    """The tokens that end a response: `override` when given, else every eos id of the model's
-    generation config (one id or a list: Qwen2.5-Instruct ends on <|im_end|> and <|endoftext|>)
-    and the tokenizer's eos token."""
+def stop_ids_of(generation_eos, tokenizer_eos: int | None, override: Sequence[int] | None = None) -> list[int]:
+    """The tokens that end a response: `override` when given, else every eos id of a generation
+    config (one id or a list: Qwen2.5-Instruct ends on <|im_end|> and <|endoftext|>) and the
+    tokenizer's eos token; in order, without repeats; [] when none is named."""
     if override:
-        return list(dict.fromkeys(int(t) for t in override))
+        ids = list(override)
+    else:
+        ids = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
+        ids += [] if tokenizer_eos is None else [tokenizer_eos]
+    return list(dict.fromkeys(int(t) for t in ids))
+
+
+def resolve_stop_ids(model, tokenizer, override: Sequence[int] | None = None) -> list[int]:
+    """`stop_ids_of` the model's generation config and tokenizer; a model that names none is an error."""
     config = getattr(getattr(model, "module", model), "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+    ids = stop_ids_of(getattr(config, "eos_token_id", None), tokenizer.eos_token_id, override)
     if not ids:
         raise ValueError("no stop token: the model's generation config and its tokenizer name no eos token; "
                          "set generation.stop_token_ids")
-    return list(dict.fromkeys(int(t) for t in ids))
+    return ids
 
 
 class _PromptTokens:

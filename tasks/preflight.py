@@ -18,6 +18,7 @@ from typing import Iterable
 
 from apo_core.config import ApoConfig
 from apo_core.data import TEMPLATES, spec_for
+from apo_core.engines import stop_ids_of
 from apo_core.modeling import EMBEDDED_MODELS
 
 from . import storage
@@ -113,10 +114,6 @@ def check_model(path: str, setting: str = "model.path") -> None:
             check_safetensors(names[name])
 
 
-def _eos_ids(value) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else [int(v) for v in value]
-
-
 def check_model_tokens(cfg: ApoConfig) -> None:
     """The tokenizer, the model's vocabulary, the stop tokens and the template fit together.
     Fatal: a chat template missing where `data.template` is `chat`, a stop token outside the
@@ -153,7 +150,7 @@ def check_model_tokens(cfg: ApoConfig) -> None:
         _fail(f"model.path {storage.redact(path)}: the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary "
               f"only {int(vocab):,} rows (config.json vocab_size): ids past {int(vocab) - 1} would index out of range")
     configured = cfg.generation.stop_token_ids
-    stops = configured or _eos_ids(generation.get("eos_token_id")) + _eos_ids(getattr(tokenizer, "eos_token_id", None))
+    stops = stop_ids_of(generation.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None), configured)
     setting = "generation.stop_token_ids" if configured else f"the eos token of model.path {storage.redact(path)}"
     limit = int(vocab) if vocab else len(tokenizer) if tokenizer is not None else None  # ids the model can emit
     outside = [t for t in stops if limit is not None and not 0 <= t < limit]

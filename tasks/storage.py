@@ -323,10 +323,11 @@ def localize_dir(uri: str) -> Path:
     fs, path = fs_path(uri)
     from apo_core.tokenizer import cache_dir  # the one cache folder of apo ($APO_CACHE_DIR)
 
-    target = cache_dir() / "downloads" / path.strip("/").replace("/", "__")
+    cache = cache_dir()
+    target = cache / "downloads" / path.strip("/").replace("/", "__")
     if not target.exists():
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".dl-"))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".dl-"))
 
         def fresh() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
