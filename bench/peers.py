@@ -1,4 +1,4 @@
-"""apo against the peers users would pick instead: TRL's GRPOTrainer and its A2POTrainer (issue 7).
+"""apo against the peers users would pick instead: TRL's GRPOTrainer and its A2POTrainer.
 
     make bench-env                                                   # bench/.venv-peers: apo + trl 1.16
     bench/.venv-peers/bin/python bench/peers.py                      # full run -> results/peers.json + peers.png

@@ -1,5 +1,5 @@
-"""bench/peers.py (issue 7): its quick mode end to end for apo in the product venv, and the pieces
-that turn runs into the issue's numbers.
+"""bench/peers.py: its quick mode end to end for apo in the product venv, and the pieces
+that turn runs into the figures BENCHMARKS.md reports.
 
 The TRL methods need bench/.venv-peers (`make bench-env`), whose install took 7.5-9.5 min on the
 2-core CI machine: too slow for CI, so CI runs apo's side (the Prefect flow in `paper`, the stage

@@ -74,7 +74,7 @@ def test_no_secret_reaches_logs_mlflow_or_artifacts(prefect_api, s3_endpoint, ml
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
 
-    # the run as a user starts it: the `apo` command in its own process, against this session's Prefect API
+    # the run as a user starts it: the `apo` command in its own process, against the test Prefect API (the prefect_api fixture)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)], env=env,
                           capture_output=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
