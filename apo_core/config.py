@@ -1,33 +1,41 @@
-"""The one config object of a pipeline run: typed, documented per field, validated at load.
+"""The algorithm's and the model's settings: typed, documented per field, validated at load.
 
-Every stage reads its own section; the whole resolved object is stored with each run.
-``load_config`` turns any validation failure into one line that names the field.
+One section per concern (data, model, generation, reference samples, V*, training,
+evaluation); the pipeline's config (tasks/config.py) holds them beside its own storage,
+tracking, registry and orchestration sections. Descriptions are shown as markdown in
+Prefect's parameter form: no angle-bracket placeholders (they vanish there).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import re
-from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from .data import BUILTIN, DATA_SETS, TEMPLATES
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line naming the field and the fix."""
+class Section(BaseModel):
+    """A config section: unknown keys are errors, each field's docstring is its description."""
 
-
-class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
-DATA_SETS = ("embedded", "custom", "gsm8k", "math", "math500", "amc23", "aime24")
+ENGINE_NAMES = ("transformers", "vllm")  # apo_core.engines.ENGINES implements each
+ENGINE_ALIASES = {"hf": "transformers"}
 
 
-class DataConfig(_Section):
-    name: Literal["embedded", "custom", "gsm8k", "math", "math500", "amc23", "aime24"] = "embedded"
+def engine_name(value: Any) -> Any:
+    """An engine setting with its alias resolved (`hf` -> transformers)."""
+    return ENGINE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+EngineSetting = Annotated[Literal["auto", *ENGINE_NAMES], BeforeValidator(engine_name)]
+TEMPLATE_SETTINGS = ("auto", *TEMPLATES, "chat")
+
+
+class DataConfig(Section):
+    name: Literal[DATA_SETS] = "embedded"  # type: ignore[valid-type]
     """Prompt set: `embedded` (synthetic arithmetic shipped with apo), a built-in (gsm8k, math, math500, amc23, aime24: hub, or the paths below), or `custom` (paths below)."""
     train_path: str | None = None
     """Training rows as JSONL or Parquet at any local or fsspec path; None: the built-in's hub file."""
@@ -54,14 +62,14 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _template_ok(self) -> "DataConfig":
-        if self.template not in ("auto", "gsm8k", "math", "raw", "chat") and "{question}" not in self.template:
-            raise ValueError(f"template {self.template!r} must be auto, gsm8k, math, raw, chat or contain {{question}}")
+        if self.template not in TEMPLATE_SETTINGS and "{question}" not in self.template:
+            raise ValueError(f"template {self.template!r} must be {', '.join(TEMPLATE_SETTINGS)} or contain {{question}}")
         if self.name == "custom" and not self.train_path:
             raise ValueError("name 'custom' needs train_path (and test_path) to JSONL or Parquet files")
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str = "embedded"
     """Reference model: `embedded` (the tiny byte-level Qwen2 shipped in apo_core/assets), `embedded-qwen` (a small Qwen2 with Qwen2.5's tokenizer, 151,936-row vocabulary and ChatML), a local Hugging Face folder, or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -72,15 +80,15 @@ class ModelConfig(_Section):
     """torch intra-op threads on CPU; 0 leaves torch's default."""
 
 
-class GenerationConfig(_Section):
-    engine: Literal["auto", "vllm", "transformers"] = "transformers"
-    """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: on CUDA vllm when it imports; on CPU, per stage, the engine bench/engines.py measured fastest (apo_core/assets/engine_choice.json, written by its --record-choice), else transformers. `make run` uses auto."""
-    stage_engines: dict[Literal["sample_reference", "train_online", "evaluate"], Literal["auto", "vllm", "transformers"]] = Field(default_factory=dict)
+class GenerationConfig(Section):
+    engine: EngineSetting = "transformers"
+    """Generation backend: `transformers` (batched `generate` on the policy itself; `hf` is an alias), `vllm` (one in-process vLLM engine that the trainer loads the policy's weights into after every step), or `auto`: on CUDA vllm when it imports; on CPU, per stage, the engine bench/engines.py measured fastest (tasks/engine_choice.json, written by its --record-choice), else transformers. `make run` uses auto."""
+    stage_engines: dict[Literal["sample_reference", "train_online", "evaluate"], EngineSetting] = Field(default_factory=dict)
     """Per-stage override of `engine`, e.g. {sample_reference: vllm} (`hf` is an alias)."""
     batch_size: int = Field(512, ge=1)
     """Prompts per generate call (transformers)."""
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
-    """Token ids that end a response on every engine (the stop token is kept and counts in the log-ratio); None: every eos id in the model's generation_config.json (Qwen2.5-Instruct: 151645 <|im_end|> and 151643 <|endoftext|>) plus the tokenizer's eos token."""
+    """Token ids that end a response on every engine (the stop token is kept and counts in the log-ratio); None: every eos id in the model's generation_config.json (Qwen2.5-Instruct: 151645 `<|im_end|>` and 151643 `<|endoftext|>`) plus the tokenizer's eos token."""
     autocast_bf16: bool | None = None
     """Run CPU generation under bfloat16 autocast while weights stay float32 (transformers; vLLM runs in the model's dtype). None: only where the CPU has bf16 units (AMX / AVX512-BF16): without them bf16 is 3-4x slower (measured on a 2-core AMD EPYC)."""
     max_model_len: int | None = Field(None, ge=1)
@@ -94,24 +102,12 @@ class GenerationConfig(_Section):
     cpu_kvcache_gb: int = Field(1, ge=1)
     """vLLM on CPU: KV cache size in GiB."""
 
-    @field_validator("engine", mode="before")
-    @classmethod
-    def _engine_alias(cls, value: Any) -> Any:
-        return "transformers" if value == "hf" else value
-
-    @field_validator("stage_engines", mode="before")
-    @classmethod
-    def _stage_engine_alias(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: "transformers" if v == "hf" else v for k, v in value.items()}
-        return value
-
     def engine_for_stage(self, stage: str) -> str:
         """The engine setting a stage uses: its override, else `engine`."""
         return self.stage_engines.get(stage, self.engine)  # type: ignore[call-overload]
 
 
-class ReferenceConfig(_Section):
+class ReferenceConfig(Section):
     n_samples: int = Field(8, ge=1)
     """N: reference samples per training prompt."""
     temperature: float = Field(1.0, gt=0)
@@ -128,14 +124,14 @@ class ReferenceConfig(_Section):
     """`execution: work-pool`: stage-1 flow runs the shards are spread over (at most one per shard; each takes a contiguous range of shards and writes the same parts as a local run). How many run at once is the concurrency limit of the shard deployment in prefect.yaml. Not part of the samples' fingerprint: the samples do not depend on it."""
 
 
-class VstarConfig(_Section):
+class VstarConfig(Section):
     beta1: float = Field(0.5, ge=0)
     """beta1 of V* = beta1 * (logsumexp(r/beta1) - log N); 0 means the mean reward."""
     filter_all_zero: bool = False
     """Drop prompts whose N reference rewards are all 0 (count reported)."""
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     rank: int = Field(16, ge=1)
     """LoRA rank r."""
     alpha: float = Field(32.0, gt=0)
@@ -147,7 +143,7 @@ class LoraSettings(_Section):
     """Module names that get an adapter (Qwen2/Llama projection names by default)."""
 
 
-class DeepSpeedSettings(_Section):
+class DeepSpeedSettings(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
@@ -160,7 +156,7 @@ class DeepSpeedSettings(_Section):
     """Ranks the pipeline launches (torchrun --standalone) when it is not already running under a launcher: the GPUs of the node on a GPU job."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     steps: int = Field(200, ge=0)
     """Rollout steps: each samples ONE response for each of `rollout_batch_size` prompts."""
     rollout_batch_size: int = Field(64, ge=1)
@@ -217,7 +213,7 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1)
     """Longest evaluation response."""
     evaluate_reference: bool = True
@@ -237,199 +233,8 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _benchmarks_ok(self) -> "EvalConfig":
-        names = ("gsm8k", "math", "math500", "amc23", "aime24")
         for entry in self.benchmarks:
             name = entry.split("=", 1)[0]
-            if name not in names:
-                raise ValueError(f"benchmark {name!r} unknown; valid: {', '.join(names)} (optionally name=path)")
+            if name not in BUILTIN:
+                raise ValueError(f"benchmark {name!r} unknown; valid: {', '.join(BUILTIN)} (optionally name=path)")
         return self
-
-
-class TrackingConfig(_Section):
-    mlflow_tracking_uri: str | None = None
-    """MLflow tracking URI; None means a SQLite store under a local artifact_root."""
-    experiment: str = "apo"
-    """MLflow experiment name."""
-
-
-class StorageConfig(_Section):
-    attempts: int = Field(6, ge=1)
-    """Tries per artifact-storage operation (read, write, list, remove, upload, download), the first included; only transient errors (connection refused/reset, timeouts, HTTP 5xx, throttling) are retried. Credentials never go here: s3fs reads them from the environment."""
-    base_delay_s: float = Field(0.5, ge=0)
-    """Sleep before the first retry, doubled before each next one (with jitter)."""
-    max_delay_s: float = Field(60.0, ge=0)
-    """Bound on the total sleep of one operation across its retries; then the stage fails with one line naming the operation and URI, and publishes nothing."""
-
-
-class RegistryConfig(_Section):
-    enabled: bool = False
-    """After evaluate, register the trained model (its folder in the artifact root, no second upload) as a new version of `model_name` in the MLflow model registry, with the parent run as its run."""
-    model_name: str = Field("apo", min_length=1)
-    """Registered model name the versions go to (one name per task/model family you promote between)."""
-    benchmark: str = "heldout"
-    """Score that decides the `champion` alias: greedy accuracy of the trained model on `heldout` (the run's own held-out split) or on one of eval.benchmarks (by name, e.g. math500)."""
-    min_improvement: float = Field(0.0, ge=0)
-    """The new version becomes `champion` only when its score exceeds the champion's by more than this (accuracy, 0.01 = one point); a tie never moves the alias. No champion yet: the new version becomes it."""
-
-
-STAGE_NAMES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
-
-
-def _deployment_name(value: str) -> str:
-    flow_name, sep, name = value.partition("/")
-    if not sep or not flow_name or not name or "/" in name:
-        raise ValueError(f"deployment {value!r} must look like <flow name>/<deployment name>, e.g. apo-preprocess/apo-cpu")
-    return value
-
-
-class StageDeployments(_Section):
-    preprocess: str = "apo-preprocess/apo-cpu"
-    """Deployment (<flow>/<deployment>, from prefect.yaml) that runs preprocess; a CPU pool."""
-    sample_reference: str = "apo-sample-reference-shard/apo-gpu"
-    """Deployment that runs ONE shard group of stage 1; the apo flow submits `reference.shards` of them at once (GPU pool, bounded by the deployment's concurrency limit)."""
-    aggregate_vstar: str = "apo-aggregate-vstar/apo-cpu"
-    """Deployment that runs aggregate_vstar; a CPU pool."""
-    train_online: str = "apo-train-online/apo-gpu"
-    """Deployment that runs train_online; a GPU pool."""
-    evaluate: str = "apo-evaluate/apo-gpu"
-    """Deployment that runs evaluate; a GPU pool."""
-
-    @field_validator("*")
-    @classmethod
-    def _names_ok(cls, value: str) -> str:
-        return _deployment_name(value)
-
-
-class OrchestrationConfig(_Section):
-    deployments: StageDeployments = Field(default_factory=StageDeployments)
-    """Which deployment each stage is submitted to under `execution: work-pool` (pools: apo-cpu, apo-gpu in prefect.yaml)."""
-    stage_timeout_s: float = Field(86400.0, gt=0)
-    """Longest wait for a stage's flow run(s); past it they are cancelled and the pipeline fails naming the stage."""
-    poll_s: float = Field(2.0, gt=0)
-    """Seconds between state checks of the submitted stage flow runs."""
-
-
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class ApoConfig(_Section):
-    """A whole A*-PO pipeline run."""
-
-    run_id: str | None = None
-    """Run id: artifacts go under <artifact_root>/<run_id>/; re-using one resumes it. None: a timestamp."""
-    artifact_root: str = "./.apo"
-    """Where stages exchange Parquet: a local folder or any fsspec URI (s3://bucket/prefix)."""
-    execution: Literal["local", "work-pool"] = "local"
-    """Where stages run: `local` in the apo flow's own process; `work-pool`: each stage as its own Prefect flow run on its work pool (deployments in prefect.yaml, see `orchestration`), stage 1 as `reference.shards` flow runs at once. Artifacts must then be where every worker can reach them (s3://..., or a folder all workers share)."""
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
-    """How `execution: work-pool` submits and waits for the stage flow runs."""
-    reward: Literal["auto", "embedded", "gsm8k", "math"] = "auto"
-    """Verifier that scores responses (apo_core.rewards); `auto`: the data set's own (gsm8k for gsm8k and custom, math for the MATH family)."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    vstar: VstarConfig = Field(default_factory=VstarConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    """MLflow model registry: register the trained model after evaluate and move the `champion` alias only when it wins."""
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-
-    @model_validator(mode="after")
-    def _run_id_ok(self) -> "ApoConfig":
-        if self.run_id is not None and not _RUN_ID.match(self.run_id):
-            raise ValueError(f"run_id {self.run_id!r} must match {_RUN_ID.pattern}")
-        return self
-
-    @model_validator(mode="after")
-    def _registry_ok(self) -> "ApoConfig":
-        names = ["heldout", *(entry.split("=", 1)[0] for entry in self.eval.benchmarks)]
-        if self.registry.benchmark not in names:
-            raise ValueError(f"registry.benchmark {self.registry.benchmark!r} is not evaluated; valid: {', '.join(names)} (add it to eval.benchmarks)")
-        remote_tracking = (self.tracking.mlflow_tracking_uri or "").startswith(("http://", "https://"))
-        if self.registry.enabled and remote_tracking and ("://" not in self.artifact_root or self.artifact_root.startswith("file://")):
-            # an MLflow server refuses model versions whose source is a path on the client's disk
-            raise ValueError("registry.enabled with an MLflow server needs an artifact_root the server accepts as a model source (s3://..., gs://...), not a local folder")
-        return self
-
-    @property
-    def reward_name(self) -> str:
-        """The verifier actually used (resolves `auto`)."""
-        if self.reward != "auto":
-            return self.reward
-        return {"embedded": "embedded", "gsm8k": "gsm8k", "custom": "gsm8k"}.get(self.data.name, "math")
-
-    def with_run_id(self) -> "ApoConfig":
-        """This config with run_id filled in (a UTC timestamp when unset)."""
-        if self.run_id:
-            return self
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return self.model_copy(update={"run_id": f"run-{stamp}"})
-
-
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        section: Any = ApoConfig
-        for part in first["loc"][:-1]:
-            section = section.model_fields[str(part)].annotation
-        valid = ", ".join(section.model_fields)
-        return f"config: unknown key {where!r}; valid keys here: {valid}"
-    msg = first["msg"].replace("Value error, ", "")
-    got = first.get("input")
-    shown = "" if isinstance(got, (dict, type(None))) else f" (got {got!r})"
-    more = f" [+{len(error.errors()) - 1} more]" if len(error.errors()) > 1 else ""
-    return f"config: {where + ': ' if where else ''}{msg}{shown}{more}"
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """tree['a']['b'] = value for key 'a.b', creating sections as needed."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config: {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
-def _parse_value(raw: str) -> Any:
-    """A --set value: YAML scalars and lists (1e-5, true, null, [a, b]); anything YAML reads as a
-    mapping, such as a template "Q: {question}", stays the string it was written as."""
-    if not raw.strip():
-        return None
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    return raw if isinstance(value, dict) else value
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    base: Mapping[str, Any] | None = None,
-) -> ApoConfig:
-    """Config from an optional YAML file, then ``key=value`` overrides (values parsed as YAML)."""
-    tree: dict[str, Any] = dict(base or {})
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config: cannot read {path}: {exc}".splitlines()[0]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config: {path} must hold a mapping at top level")
-        tree.update(loaded)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"config: override {item!r} must look like key=value (e.g. train.lr=1e-5)")
-        set_dotted(tree, key.strip(), _parse_value(raw))
-    try:
-        return ApoConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None

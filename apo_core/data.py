@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .config import DataConfig
 from .math_equivalence import last_boxed
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,26 @@ BUILTIN: dict[str, DatasetSpec] = {
     "amc23": DatasetSpec("math-ai/amc23", {"test": "test-00000-of-00001.parquet"}, "problem", "answer", "field", "math", "math", id_field="id"),
     "aime24": DatasetSpec("HuggingFaceH4/aime_2024", {"train": "data/train-00000-of-00001.parquet"}, "problem", "answer", "field", "math", "math", id_field="id"),
 }
+# `custom`: the user's own files, read with these defaults unless data.* says otherwise
+CUSTOM = DatasetSpec("", {}, "prompt", "answer", "field", "raw", "gsm8k")
+# Every data.name: the synthetic task apo ships, the user's files, and the built-ins above
+DATA_SETS: tuple[str, ...] = ("embedded", "custom", *BUILTIN)
+
+
+def reward_of(name: str) -> str:
+    """The verifier of data set `name`: the built-in's (gsm8k or math), gsm8k for custom files,
+    the embedded task's own for `embedded`."""
+    if name == "embedded":
+        return "embedded"
+    return _spec_named(name).reward
+
+
+def _spec_named(name: str) -> DatasetSpec:
+    if name == "custom":
+        return CUSTOM
+    if name not in BUILTIN:
+        raise ValueError(f"unknown data set {name!r}; valid: {', '.join(DATA_SETS)}")
+    return BUILTIN[name]
 
 TEMPLATES: dict[str, str] = {
     # The paper's prompts.
@@ -77,7 +99,7 @@ def chat_prompt(tokenizer, content: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
 
-def gold_answer(value: Any, answer_from: str) -> str | None:
+def gold_from_field(value: Any, answer_from: str) -> str | None:
     """The gold answer from a raw field: as is, after GSM8K's `#### `, or the last \\boxed{}."""
     if value is None or isinstance(value, (bool, list, dict)):
         return None
@@ -134,7 +156,7 @@ def clean_rows(
         if raw_answer is not None and not isinstance(raw_answer, (str, int, float)) or isinstance(raw_answer, bool):
             out.skipped["wrong_type"] += 1
             continue
-        answer = gold_answer(raw_answer, answer_from)
+        answer = gold_from_field(raw_answer, answer_from)
         if answer is None:
             out.skipped["missing_answer"] += 1
             continue
@@ -168,10 +190,7 @@ def embedded_prompt_set(cfg: DataConfig, chat_template: Callable[[str], str] | N
 
 def spec_for(cfg: DataConfig) -> DatasetSpec:
     """The built-in spec of cfg.name, with the config's field overrides applied."""
-    base = BUILTIN.get(cfg.name)
-    if base is None and cfg.name != "custom":
-        raise ValueError(f"unknown data set {cfg.name!r}; valid: embedded, custom, {', '.join(BUILTIN)}")
-    base = base or DatasetSpec("", {}, "prompt", "answer", "field", "raw", "gsm8k")
+    base = _spec_named(cfg.name)
     return DatasetSpec(
         hub_id=base.hub_id, files=base.files, hub_revision=base.hub_revision,
         prompt_field=cfg.prompt_field or base.prompt_field,

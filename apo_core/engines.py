@@ -24,7 +24,9 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from .config import ENGINE_NAMES, GenerationConfig, engine_name
 from .decoding import decode
+from .seeds import derived_seed
 
 
 @dataclass
@@ -137,7 +139,7 @@ class TransformersEngine(_PromptTokens):
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, autocast_bf16: bool | None = None,
+    def __init__(self, model, tokenizer, batch_size: int = GenerationConfig().batch_size, autocast_bf16: bool | None = None,
                  stop_token_ids: Sequence[int] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -169,7 +171,7 @@ class TransformersEngine(_PromptTokens):
                 rows = order[start : start + self.batch_size]
                 if seed is not None:
                     # Reproducible per (seed, chunk): sampling draws from the global generator.
-                    torch.manual_seed(seed * 1_000_003 + chunk_idx)
+                    torch.manual_seed(derived_seed(seed, chunk_idx))
                 width = max(len(ids[i]) for i in rows)
                 input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
                 attention = torch.zeros_like(input_ids)
@@ -307,7 +309,7 @@ def _shutdown(live: _LiveLLM) -> None:
 
 def _request_seed(seed: int, prompt_index: int) -> int:
     """Seed of one request: sample `seed` of prompt `prompt_index` (vLLM seeds each request)."""
-    return (seed * 1_000_003 + prompt_index) % (1 << 63)
+    return derived_seed(seed, prompt_index)
 
 
 class VLLMEngine(_PromptTokens):
@@ -432,42 +434,24 @@ EngineFactory = Callable[..., GenerationEngine]
 ENGINES: dict[str, EngineFactory] = {"transformers": TransformersEngine, "vllm": VLLMEngine}
 
 
-# Which engine `auto` takes per stage on CPU: written by bench/engines.py (`--record-choice`) from
-# its measurements of apo's own paths on the embedded default, with the run it came from.
-ENGINE_CHOICE = Path(__file__).parent / "assets" / "engine_choice.json"
-
-
-def measured_choice(stage: str | None, device_type: str = "cpu") -> str | None:
-    """The engine bench/engines.py measured fastest for `stage` on `device_type`, if recorded."""
-    try:
-        table = json.loads(ENGINE_CHOICE.read_text())
-    except (OSError, ValueError):
-        return None
-    choice = table.get(device_type, {}).get(stage or "")
-    return choice if choice in ENGINES else None
-
-
-def resolve_engine_name(name: str, device: torch.device | str, stage: str | None = None) -> str:
-    """`auto` -> on CUDA, vllm when it imports; on CPU, the engine bench/engines.py measured
-    fastest for `stage` (assets/engine_choice.json), else transformers. `hf` -> transformers."""
-    if name == "hf":
-        return "transformers"
+def resolve_engine_name(name: str, device: torch.device | str, recorded: str | None = None) -> str:
+    """The engine a setting means on `device`: `auto` -> on CUDA, vllm when it imports; on CPU,
+    `recorded` (the engine measured fastest for the stage, which the caller passes in) where it
+    is one that runs here, else transformers. Other names as they are, aliases resolved."""
+    name = engine_name(name)
     if name != "auto":
         return name
     has_vllm = importlib.util.find_spec("vllm") is not None
     if torch.device(device).type == "cuda":
         return "vllm" if has_vllm else "transformers"
-    choice = measured_choice(stage)
-    return choice if choice and (choice != "vllm" or has_vllm) else "transformers"
+    return recorded if recorded in ENGINES and (recorded != "vllm" or has_vllm) else "transformers"
 
 
 def make_engine(name: str, model, tokenizer, **kwargs) -> GenerationEngine:
-    """Engine registered under `name` (`auto` resolved for the model's device); an unknown
-    name lists the valid ones."""
-    name = resolve_engine_name(name, next(model.parameters()).device)
+    """The engine registered under `name` (resolved: see resolve_engine_name); an unknown name
+    lists the valid ones."""
     try:
-        factory = ENGINES[name]
+        factory = ENGINES[engine_name(name)]
     except KeyError:
-        valid = ", ".join(["auto", *sorted(ENGINES)])
-        raise ValueError(f"unknown generation engine {name!r}; valid: {valid}") from None
+        raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(ENGINES)}") from None
     return factory(model, tokenizer, **kwargs)

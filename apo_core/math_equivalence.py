@@ -68,7 +68,7 @@ def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
     return None
 
 
-def gold_answer(answer: str) -> str:
+def gold_for_comparison(answer: str) -> str:
     """The gold answer text: the ``answer`` field as is, or the last boxed content of a solution."""
     if any(c in answer for c in _BOX_COMMANDS):
         boxed = last_boxed(answer)
@@ -471,7 +471,7 @@ class MathReward:
                 if pred is None:
                     counts["no_answer"] += 1
                     continue
-                gold = gold_answer(answer if isinstance(answer, str) else str(answer))  # AMC23 golds are floats
+                gold = gold_for_comparison(answer if isinstance(answer, str) else str(answer))  # AMC23 golds are floats
                 decided = quick_equivalent(gold, pred)
                 if decided is None:
                     jobs.setdefault((_math_verify_form(gold), _math_verify_form(pred)), []).append(row)

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from .seeds import ORDER_STRIDE, derived_seed
+
 CHUNK = 1 << 22  # elements widened at a time: 16 MB per fp32 temporary, whatever the weight's size
 
 
@@ -72,7 +74,7 @@ class BF16StateAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["step"] += 1
         t = int(state["step"])
-        generator = torch.Generator(device=p.device).manual_seed((self.seed * 1_000_003 + t * 7919 + index) % 2**63)
+        generator = torch.Generator(device=p.device).manual_seed(derived_seed(self.seed, derived_seed(t, index, ORDER_STRIDE)))
         step_size = lr / (1 - beta1**t)
         bc2_sqrt = math.sqrt(1 - beta2**t)
         weights, grads = p.view(-1), grad.reshape(-1)

@@ -1,9 +1,11 @@
-"""Stage 1 (reference samples -> V*) and evaluation: sampling loops over a GenerationEngine."""
+"""Stage 1 (reference samples -> V*), the hand-off to stage 2 (training prompts), and
+evaluation: sampling loops over a GenerationEngine."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -11,6 +13,21 @@ from .data import PromptRecord
 from .engines import GenerationEngine
 from .objectives import vstar
 from .rewards import RewardFn
+
+
+@dataclass(frozen=True)
+class TrainPrompt:
+    """One prompt of stage 2: the record's prompt and gold answer, and its V*."""
+
+    prompt_id: str
+    prompt: str
+    answer: str
+    vstar: float
+
+    @classmethod
+    def of(cls, record: PromptRecord, vstar: float) -> "TrainPrompt":
+        return cls(record.prompt_id, record.prompt, record.answer, float(vstar))
+
 
 def sample_reference(
     engine: GenerationEngine,
@@ -60,6 +77,30 @@ def aggregate_vstar(prompt_ids: Sequence[str], rewards: Sequence[float], beta1: 
         dict(prompt_id=p, n=table.shape[1], mean_reward=m, pass_at_n=s, vstar=v)
         for p, m, s, v in zip(ids, means, passes, values)
     ]
+
+
+def is_kept(row: Mapping, filter_all_zero: bool) -> bool:
+    """Whether stage 2 trains on the prompt of this aggregate_vstar row: always, unless the
+    filter is on and none of its N reference samples was right (pass_at_n 0, V* 0)."""
+    return row["pass_at_n"] > 0 or not filter_all_zero
+
+
+def training_prompts(records: Iterable[PromptRecord], vstar_rows: Iterable[Mapping], filter_all_zero: bool) -> list[TrainPrompt]:
+    """Stage 2's prompts: each record whose aggregate_vstar row is kept (`kept` column where the
+    table has one, and the filter), with its V*, in the records' order. None left is an error.
+
+    >>> recs = [PromptRecord("a", "1+1=?", "2", "train"), PromptRecord("b", "2+2=?", "4", "train")]
+    >>> rows = [dict(prompt_id="b", vstar=0.0, pass_at_n=0.0), dict(prompt_id="a", vstar=0.7, pass_at_n=1.0)]
+    >>> [(p.prompt_id, p.vstar) for p in training_prompts(recs, rows, filter_all_zero=False)]
+    [('a', 0.7), ('b', 0.0)]
+    >>> [p.prompt_id for p in training_prompts(recs, rows, filter_all_zero=True)]
+    ['a']
+    """
+    v_of = {row["prompt_id"]: row["vstar"] for row in vstar_rows if row.get("kept", True) and is_kept(row, filter_all_zero)}
+    prompts = [TrainPrompt.of(r, v_of[r.prompt_id]) for r in records if r.prompt_id in v_of]
+    if not prompts:
+        raise ValueError("no training prompts (did the V* filter drop all of them?)")
+    return prompts
 
 
 def evaluate(

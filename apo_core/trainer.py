@@ -6,90 +6,47 @@ current policy, scores it, scores it under pi_ref, and takes rollout/minibatch A
     loss = mean_B ( beta2 * [log pi(y|x) - log pi_ref(y|x)] - (r(x, y) - V*(x)) )^2
 
 The prompt order and sampling seeds are functions of the step number, so a run resumed from
-a checkpoint continues exactly where the checkpoint left it. A checkpoint also holds every RNG
-state (torch CPU and CUDA, numpy, python `random`; per rank under DeepSpeed) for the draws that
-are not seeded per step (dropout, unseeded engines), the data position, and the hash of the V*
-table it trained against: resuming against other V* values fails instead of training.
+a checkpoint (apo_core.checkpoints) continues exactly where the checkpoint left it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
+from . import checkpoints
+from .checkpoints import vstar_table_hash
 from .config import TrainConfig
-from .engines import GenerationEngine
+from .engines import Completion, GenerationEngine
 from .distributed import all_max, gathered, partitioned
-from .modeling import collate, is_peft, response_logprobs
+from .modeling import TokenBatch, collate, response_logprobs
 from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
 from .rewards import RewardFn
-
-STATE_FILE = "trainer_state.pt"
-
-
-@dataclass(frozen=True)
-class TrainPrompt:
-    prompt_id: str
-    prompt: str
-    answer: str
-    vstar: float
-
+from .rollouts import TrainPrompt
+from .seeds import ORDER_STRIDE, ROLLOUT_STRIDE, derived_seed
 
 StepCallback = Callable[[int, dict[str, float], list[dict]], None]
 
 
-class CheckpointMismatch(ValueError):
-    """A checkpoint that must not be resumed here (it trained against another V* table)."""
+@dataclass
+class Rollout:
+    """One rollout step's responses (one per prompt), their rewards and tokens, log pi_ref of
+    the response tokens, and the seconds each part took."""
 
-
-def vstar_table_hash(prompts: Sequence[TrainPrompt]) -> str:
-    """sha256 of the V* table a run trains against: its (prompt_id, vstar) pairs, i.e. the rows of
-    vstar.parquet that stage 2 keeps, one `prompt_id<TAB>float.hex(vstar)` line each, sorted by
-    prompt_id. Exact (hex floats), independent of row order and of Parquet's encoding.
-
-    >>> a, b = TrainPrompt("a", "", "", 1.0), TrainPrompt("b", "", "", 0.5)
-    >>> vstar_table_hash([a, b]) == vstar_table_hash([b, a]) != vstar_table_hash([a, TrainPrompt("b", "", "", 0.25)])
-    True
-    """
-    lines = sorted(f"{p.prompt_id}\t{float(p.vstar).hex()}" for p in prompts)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def rng_state() -> dict:
-    """Every global RNG this process draws from, in a form torch.load(weights_only=True) reads."""
-    py = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() captured (CUDA only where this process has the same devices)."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    completions: list[Completion]
+    rewards: list[float]
+    tokens: TokenBatch
+    ref_logp: torch.Tensor  # (R, T)
+    reward: torch.Tensor  # (R,)
+    vstar: torch.Tensor  # (R,)
+    seconds: dict[str, float]
 
 
 LARGE_MODEL_PARAMS = 100_000_000  # from here on the memory savings of "auto" are gigabytes
@@ -201,7 +158,7 @@ class OnlineTrainer:
         while len(out) < R:
             epoch, offset = divmod(pos, n)
             order = list(range(n))
-            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+            random.Random(derived_seed(self.cfg.seed, epoch, ORDER_STRIDE)).shuffle(order)
             take = min(R - len(out), n - offset)
             out += [prompts[i] for i in order[offset : offset + take]]
             pos += take
@@ -215,92 +172,118 @@ class OnlineTrainer:
 
     # -- one rollout step ---------------------------------------------------------------------
     def train_step(self, batch: Sequence[TrainPrompt]) -> tuple[dict[str, float], list[dict]]:
+        """Sample one response per prompt and score it, then take len(batch) / minibatch_size updates."""
+        batch, M = self._rank_share(batch)
+        rollout = self._rollout(batch)
+        t0, sums, skipped = time.perf_counter(), {}, 0
+        for rows in (slice(k, k + M) for k in range(0, len(batch), M)):
+            loss, metrics = self._minibatch_loss(rollout, rows)
+            if self._update(loss, metrics):
+                sums = {key: sums.get(key, 0.0) + value.detach().float() for key, value in metrics.items()}
+            else:
+                skipped += 1
+        self._sync_engine()  # the next rollout samples from the updated policy
+        self.step += 1
+        rollout.seconds["update_s"] = time.perf_counter() - t0
+        return self._step_metrics(self._mean_over_ranks(sums), len(batch) // M, skipped, rollout), self._samples(batch, rollout)
+
+    def _rank_share(self, batch: Sequence[TrainPrompt]) -> tuple[list[TrainPrompt], int]:
+        """This rank's rows of every minibatch, and its rows per minibatch."""
+        M = self.cfg.minibatch_size
+        if self.world_size == 1:
+            return list(batch), M
+        from .distributed import local_rows
+
+        return [batch[i] for i in local_rows(len(batch), M, self.rank, self.world_size)], M // self.world_size
+
+    def _rollout(self, batch: Sequence[TrainPrompt]) -> Rollout:
+        """One response per prompt from the current policy, its reward, and log pi_ref of its tokens."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        M = cfg.minibatch_size
-        n_updates = len(batch) // M
-        if self.world_size > 1:  # this rank's share of every minibatch
-            from .distributed import local_rows
-
-            batch = [batch[i] for i in local_rows(len(batch), M, self.rank, self.world_size)]
-            M //= self.world_size
         with gathered(self.policy):  # ZeRO-3 shards the weights; generation needs them whole
             completions = self.engine.generate(
                 [p.prompt for p in batch], temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed * 1_000_033 + self.step,
+                seed=derived_seed(cfg.seed, self.step, ROLLOUT_STRIDE),
             )
         rewards = self.reward_fn([c.text for c in completions], [p.answer for p in batch])
         t_gen = time.perf_counter()
-
         tokens = collate(self.engine.prompt_token_ids([p.prompt for p in batch]), [c.token_ids for c in completions],
                          self.tokenizer.pad_token_id).to(self.device)
         tokens = tokens.with_response_len(self._same_on_every_rank(tokens.response_mask.shape[1]))
-        reward_t = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        vstar_t = torch.tensor([p.vstar for p in batch], dtype=torch.float32, device=self.device)
         with torch.no_grad():
             ref_logp = response_logprobs(self.ref_policy, tokens)  # (R, T)
-        t_ref = time.perf_counter()
+        return Rollout(
+            completions, rewards, tokens, ref_logp,
+            reward=torch.tensor(rewards, dtype=torch.float32, device=self.device),
+            vstar=torch.tensor([p.vstar for p in batch], dtype=torch.float32, device=self.device),
+            seconds={"generate_s": t_gen - t0, "ref_logprobs_s": time.perf_counter() - t_gen},
+        )
 
-        sums: dict[str, torch.Tensor] = {}
-        skipped = 0
+    def _minibatch_loss(self, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, dict]:
+        """A*-PO's loss on the minibatch `rows` (minus the entropy bonus when entropy_coef > 0), and its metrics."""
+        cfg = self.cfg
+        mb = rollout.tokens.select(rows)
+        # Trim the response block to this minibatch's longest response: less padding compute.
+        T = self._same_on_every_rank(int(mb.response_mask.sum(-1).max().item()))
+        mb = mb.with_response_len(T)
         trained = self.ds if self.ds is not None else self.policy
-        for k in range(n_updates):
-            rows = slice(k * M, (k + 1) * M)
-            mb = tokens.select(rows)
-            # Trim the response block to this minibatch's longest response: less padding compute.
-            T = self._same_on_every_rank(int(mb.response_mask.sum(-1).max().item()))
-            mb = mb.with_response_len(T)
-            if cfg.entropy_coef > 0:
-                logp, token_entropies = response_logprobs(trained, mb, with_entropy=True)
-            else:
-                logp = response_logprobs(trained, mb)
-            loss, metrics = apo_loss(logp, ref_logp[rows, :T], mb.response_mask, reward_t[rows], vstar_t[rows], cfg.beta2)
-            if cfg.entropy_coef > 0:
-                entropy = mean_entropy(token_entropies, mb.response_mask)
-                loss = loss - cfg.entropy_coef * entropy
-                metrics["entropy"] = entropy.detach()
-            if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself
-                self.ds.backward(loss)
-                self.ds.step()
-                norm = self.ds.get_global_grad_norm()
-                metrics["grad_norm"] = torch.tensor(float(0.0 if norm is None else norm))
-                # ZeRO drops a step whose global gradient norm is NaN/inf (a NaN loss on any rank
-                # makes it so) and reports the norm as inf; the norm is global, so every rank agrees.
-                if not bool(torch.isfinite(metrics["grad_norm"])):
-                    self._skip_nonfinite()
-                    skipped += 1
-                    continue
-                self.nonfinite_streak = 0
-            elif self.memory["update_in_backward"]:
-                metrics["grad_norm"] = self._update_in_backward(loss)
-                if not bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"])):
-                    self._skip_nonfinite()
-                    skipped += 1
-                    continue
-                self.nonfinite_streak = 0
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                if not bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"])):
-                    self._skip_nonfinite()  # no update from NaN/inf; stops the run after too many in a row
-                    skipped += 1
-                    continue
+        if cfg.entropy_coef > 0:
+            logp, token_entropies = response_logprobs(trained, mb, with_entropy=True)
+        else:
+            logp = response_logprobs(trained, mb)
+        loss, metrics = apo_loss(logp, rollout.ref_logp[rows, :T], mb.response_mask, rollout.reward[rows], rollout.vstar[rows], cfg.beta2)
+        if cfg.entropy_coef > 0:
+            entropy = mean_entropy(token_entropies, mb.response_mask)
+            loss = loss - cfg.entropy_coef * entropy
+            metrics["entropy"] = entropy.detach()
+        return loss, metrics
+
+    def _update(self, loss: torch.Tensor, metrics: dict) -> bool:
+        """One optimizer update from `loss` on this trainer's backend; metrics["grad_norm"] gets the
+        global gradient norm before clipping. An update with a NaN/inf loss or gradient is not
+        applied: False, counted, and too many in a row stop the run."""
+        if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself
+            self.ds.backward(loss)
+            self.ds.step()
+            norm = self.ds.get_global_grad_norm()
+            norm = torch.tensor(float(0.0 if norm is None else norm))
+            # ZeRO drops a step whose global gradient norm is NaN/inf (a NaN loss on any rank makes
+            # it so) and reports the norm as inf; the norm is global, so every rank agrees.
+            finite = bool(torch.isfinite(norm))
+        elif self.memory["update_in_backward"]:
+            norm = self._update_in_backward(loss)  # applies the update only when loss and norm are finite
+            finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+            finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
+            if finite:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # gradients do not outlive the update (nor sit through the next rollout)
-                self.nonfinite_streak = 0
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-        # metrics of the whole minibatch, not of this rank's share (none if every rank skipped every update)
-        if self.world_size > 1 and sums:
-            keys = sorted(sums)
-            flat = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
-            torch.distributed.all_reduce(flat)
-            sums = {k: v / self.world_size for k, v in zip(keys, flat.cpu())}
-        self._sync_engine()  # the next rollout samples from the updated policy
-        self.step += 1
-        t_upd = time.perf_counter()
+        metrics["grad_norm"] = norm
+        if finite:
+            self.nonfinite_streak = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"train_online: {self.nonfinite_streak} updates in a row had a non-finite loss or gradient, at rollout step "
+                f"{self.step + 1}; last good checkpoint: {self.last_checkpoint or 'none yet'}")
+        return False
 
+    def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metric sums of the whole minibatches, not of this rank's share (none if every rank skipped every update)."""
+        if self.world_size == 1 or not sums:
+            return sums
+        keys = sorted(sums)
+        flat = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
+        torch.distributed.all_reduce(flat)
+        return {k: v / self.world_size for k, v in zip(keys, flat.cpu())}
+
+    def _step_metrics(self, sums: dict, n_updates: int, skipped: int, rollout: Rollout) -> dict[str, float]:
+        completions, rewards = rollout.completions, rollout.rewards
         n_tokens = [len(c.token_ids) for c in completions]
         out = {f"train/{k}": float(v) / max(1, n_updates - skipped) for k, v in sums.items()}  # one sync per step
         out["train/nonfinite_skipped"] = float(skipped)
@@ -308,19 +291,19 @@ class OnlineTrainer:
             "rollout/reward_mean": sum(rewards) / len(rewards),
             "rollout/response_tokens_mean": sum(n_tokens) / len(n_tokens),
             "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            "vstar/batch_mean": float(vstar_t.mean()),
+            "vstar/batch_mean": float(rollout.vstar.mean()),
             "train/optimizer_steps": float(self.step * n_updates),
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "time/generate_s": t_gen - t0,
-            "time/ref_logprobs_s": t_ref - t_gen,
-            "time/update_s": t_upd - t_ref,
-            "time/step_s": t_upd - t0,
+            **{f"time/{k}": v for k, v in rollout.seconds.items()},
+            "time/step_s": sum(rollout.seconds.values()),
         })
-        samples = [
+        return out
+
+    def _samples(self, batch: Sequence[TrainPrompt], rollout: Rollout) -> list[dict]:
+        return [
             dict(step=self.step, prompt_id=p.prompt_id, response=c.text, reward=float(r), vstar=p.vstar, n_tokens=len(c.token_ids))
-            for p, c, r in zip(batch, completions, rewards)
+            for p, c, r in zip(batch, rollout.completions, rollout.rewards)
         ]
-        return out, samples
 
     def train(
         self,
@@ -335,7 +318,7 @@ class OnlineTrainer:
             raise ValueError("no training prompts (did the V* filter drop all of them?)")
         self.vstar_hash, self.n_prompts = vstar_table_hash(prompts), len(prompts)
         if self.resumed_from is not None:
-            self._check_resume(self.resumed_from, self.vstar_hash, len(prompts))
+            checkpoints.check_resume(self.resumed_from, self.vstar_hash, len(prompts))
         self.policy.train()
         self._sync_engine()  # covers weights restored from a checkpoint
         while self.step < self.cfg.steps:
@@ -382,14 +365,6 @@ class OnlineTrainer:
                 coef = float(torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0))  # clip_grad_norm_'s
         return norm
 
-    def _skip_nonfinite(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_streak += 1
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_in_a_row:
-            raise FloatingPointError(
-                f"train_online: {self.nonfinite_streak} updates in a row had a non-finite loss or gradient, at rollout step "
-                f"{self.step + 1}; last good checkpoint: {self.last_checkpoint or 'none yet'}")
-
     def _same_on_every_rank(self, n: int) -> int:
         """`n` under one process; under ZeRO-3 the largest `n` of all ranks (response blocks of one
         length, so each rank calls the partitioned output layer on as many logits chunks)."""
@@ -399,110 +374,13 @@ class OnlineTrainer:
         with gathered(self.policy):
             self.engine.update_weights(self.policy)
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints (apo_core.checkpoints) ---------------------------------------------------
     def save_checkpoint(self, checkpoint_dir: Path, before_publish: Callable[[Path], None] | None = None) -> Path:
-        """Write <dir>/step_NNNNNN/ (model, tokenizer, optimizer, step), then prune old ones.
-        Under DeepSpeed, ds/ holds every rank's shards and rank 0 writes the rest.
-
-        The folder is written under a temporary name and renamed, so a kill mid-write never
-        leaves a checkpoint that looks complete; `before_publish` may add files to it first.
-        """
-        checkpoint_dir = Path(checkpoint_dir)
-        final = checkpoint_dir / f"step_{self.step:06d}"
-        tmp = checkpoint_dir / f".tmp_step_{self.step:06d}"
-        lead = self.rank == 0
-        if lead:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        position = self.data_position(self.n_prompts) if self.n_prompts else None
-        state: dict = {"step": self.step, "vstar_hash": self.vstar_hash, "data_position": position}
-        # each rank's own RNG streams (under DeepSpeed the ranks draw different numbers)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank:03d}.pt")
-        if self.ds is not None:  # every rank writes its own optimizer / parameter shards
-            self.ds.save_checkpoint(str(tmp / "ds"), tag="state")
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
-        with gathered(self.policy):  # whole weights also under ZeRO-3 (collective)
-            if lead:
-                self.policy.save_pretrained(tmp / "model")
-        if lead:
-            self.tokenizer.save_pretrained(tmp / "model")
-            torch.save(state, tmp / STATE_FILE)
-            (tmp / "trainer_state.json").write_text(json.dumps({
-                "step": self.step, "data_position": position, "world_size": self.world_size,
-                "vstar_hash": self.vstar_hash, "vstar_hash_of": "sorted (prompt_id, vstar) pairs of the training prompts",
-                "train_config": self.cfg.model_dump(mode="json")}, indent=2))
-            if before_publish:
-                before_publish(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in list_checkpoints(checkpoint_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
-        self.last_checkpoint = final
-        return final
-
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        return checkpoints.save(self, checkpoint_dir, before_publish)
 
     def load_checkpoint(self, path: Path, vstar_hash: str | None = None) -> None:
-        """Restore model, optimizer (and DeepSpeed's scheduler/shards), step, RNG states and data
-        position from `path`. With `vstar_hash`, a checkpoint trained against another V* table
-        raises CheckpointMismatch before anything is loaded; train() checks it again against the
-        prompts it is given."""
-        from safetensors.torch import load_file
+        checkpoints.load(self, path, vstar_hash)
 
-        path = Path(path)
-        # Every file is read before anything is restored: an unreadable checkpoint changes nothing.
-        blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        rng_file = path / f"rng_rank{self.rank:03d}.pt"
-        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None  # absent before RNG states were saved
-        resumed = {"path": str(path), "vstar_hash": blob.get("vstar_hash"), "data_position": blob.get("data_position")}
-        if vstar_hash is not None:
-            self._check_resume(resumed, vstar_hash, None)
-        if self.ds is not None:  # model, optimizer and scheduler shards of every rank
-            self.ds.load_checkpoint(str(path / "ds"), tag="state")
-        else:
-            state = {}
-            for shard in sorted((path / "model").glob("*.safetensors")):
-                state.update(load_file(shard))
-            optimizer = blob["optimizer"]
-            if is_peft(self.policy):  # the checkpoint holds the adapter only; base weights never change
-                from peft import set_peft_model_state_dict
-
-                result = set_peft_model_state_dict(self.policy, state)
-                missing, unexpected = [m for m in result.missing_keys if "lora_" in m], result.unexpected_keys
-            else:
-                missing, unexpected = self.policy.load_state_dict(state, strict=False)
-            # Tied embeddings are saved once; anything else missing is a real mismatch.
-            missing = [m for m in missing if not m.endswith("lm_head.weight")]
-            if missing or unexpected:
-                raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            self.optimizer.load_state_dict(optimizer)  # load_state_dict moves the states to the parameters' device
-        if rng is not None:
-            set_rng_state(rng)
-        self.step = int(blob["step"])
-        self.resumed_from = resumed
-        self.last_checkpoint = path
-
-    def _check_resume(self, resumed: dict, vstar_hash: str, n_prompts: int | None) -> None:
-        saved = resumed.get("vstar_hash")
-        if saved is not None and saved != vstar_hash:
-            raise CheckpointMismatch(
-                f"train_online: checkpoint {resumed['path']} trained against V* table {saved}, but this run's V* table is "
-                f"{vstar_hash}; refusing to resume (use a new run id, or delete the checkpoints to start over)")
-        position = resumed.get("data_position")
-        if n_prompts is not None and position and position["prompts"] != n_prompts:
-            raise CheckpointMismatch(
-                f"train_online: checkpoint {resumed['path']} was trained on {position['prompts']} prompts, this run has "
-                f"{n_prompts}; refusing to resume")
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.exists():
-        return []
-    return sorted(p for p in checkpoint_dir.glob("step_*") if (p / STATE_FILE).exists())
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()

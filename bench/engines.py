@@ -6,7 +6,7 @@
    raw vLLM `LLM.generate` (SamplingParams(n=N), max_num_seqs swept), raw transformers
    `model.generate` (left-padded, num_return_sequences=N, rows per call swept), and apo's own
    path (`rollouts.sample_reference` + the stage's Parquet write) with each engine as apo's
-   config builds it (`tasks.common.engine_for`, default generation settings).
+   config builds it (`tasks.loading.engine_for`, default generation settings).
 2. Stage 2 seconds per rollout step of `OnlineTrainer` with TransformersEngine vs VLLMEngine.
 3. Stage 2 peak RSS of full fine-tuning vs LoRA on a random Qwen2.5-0.5B-shaped model.
 
@@ -158,11 +158,11 @@ def apo_stage1(engine_name: str, model, tok, records, s: dict, out_dir: str, mod
     Parquet as the stage writes them."""
     import polars as pl
 
-    from apo_core.config import ApoConfig
+    from tasks.config import ApoConfig
     from apo_core.rewards import get_reward
     from apo_core.rollouts import sample_reference
     from tasks import storage
-    from tasks.common import engine_for
+    from tasks.loading import engine_for
 
     cfg = ApoConfig(model={"path": model_path}, generation={"engine": ENGINES[engine_name]})
     engine = engine_for(cfg, "sample_reference", model, tok)
@@ -199,11 +199,13 @@ def child_stage1(engine: str, dtype: str, s: dict) -> dict:
 
 
 def child_stage2(engine: str, s: dict) -> dict:
-    from apo_core.config import ApoConfig, TrainConfig
+    from apo_core.config import TrainConfig
+    from tasks.config import ApoConfig
     from apo_core.modeling import load_model_and_tokenizer, reference_of
     from apo_core.rewards import get_reward
-    from apo_core.trainer import OnlineTrainer, TrainPrompt
-    from tasks.common import engine_for
+    from apo_core.rollouts import TrainPrompt
+    from apo_core.trainer import OnlineTrainer
+    from tasks.loading import engine_for
 
     model, tok = load_model_and_tokenizer("embedded", "float32", "cpu")
     start = time.perf_counter()
@@ -248,7 +250,8 @@ def child_stage3(variant: str, model_dir: str, s: dict) -> dict:
     from apo_core.engines import TransformersEngine
     from apo_core.modeling import add_lora, load_model_and_tokenizer, reference_of
     from apo_core.rewards import get_reward
-    from apo_core.trainer import OnlineTrainer, TrainPrompt
+    from apo_core.rollouts import TrainPrompt
+    from apo_core.trainer import OnlineTrainer
 
     model, tok = load_model_and_tokenizer(model_dir, "float32", "cpu")
     loaded = _rss_mb()  # safetensors are memory-mapped: weights become resident when first read
@@ -417,7 +420,7 @@ def main() -> None:
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "machine": machine(args.threads),
         "settings": {**sizes, "lora": LORA, "bf16": "bf16 weights: model loaded in bfloat16 (hf, apo) / vLLM dtype bfloat16",
-                     "apo_engines": "tasks.common.engine_for with the default generation config (vllm: 1 GiB KV cache, "
+                     "apo_engines": "tasks.loading.engine_for with the default generation config (vllm: 1 GiB KV cache, "
                                     "max_num_seqs 1024 on CPU; transformers: batch_size 512 rows, autocast off on this CPU)"},
     }
     if args.quick:
@@ -433,7 +436,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     if args.record_choice:
-        from apo_core.engines import ENGINE_CHOICE
+        from tasks.loading import ENGINE_CHOICE
 
         choice = {**result["engine_choice"], "measured_by": {k: result[k] for k in ("command", "date", "git_commit")}
                   | {"cpu": result["machine"]["cpu"], "threads": args.threads}}

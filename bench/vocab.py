@@ -118,12 +118,14 @@ def memory_point(spec: dict) -> dict:
     from transformers import Qwen2ForCausalLM
 
     from apo_core import modeling
-    from apo_core.config import ApoConfig, TrainConfig
+    from apo_core.config import TrainConfig
+    from tasks.config import ApoConfig
     from apo_core.embedded import make_problems
     from apo_core.rewards import get_reward
     from apo_core.tokenizer import build_qwen_tokenizer
-    from apo_core.trainer import OnlineTrainer, TrainPrompt
-    from tasks.common import engine_for
+    from apo_core.rollouts import TrainPrompt
+    from apo_core.trainer import OnlineTrainer
+    from tasks.loading import engine_for
 
     V, T, P = spec["vocab"], spec["tokens"], spec["prompts"]
     chunk_elements = modeling.LOGITS_CHUNK_ELEMENTS
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     results["settings"] = {
         **{p: s[p] for p in parts}, "parts": parts, "threads": args.threads, "unchunked": args.unchunked,
         "memory_notes": "OnlineTrainer.train_step, TrainConfig defaults but rollout/minibatch = prompts and max_new_tokens = T; "
-                        "TransformersEngine via tasks.common.engine_for; stop token = vocab size (unsampleable); V* = 0.5; "
+                        "TransformersEngine via tasks.loading.engine_for; stop token = vocab size (unsampleable); V* = 0.5; "
                         "embedded reward; raw embedded prompts; measured step = the 2nd, after gc and malloc_trim",
     }
     results["machine"] = machine(args.threads)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from apo_core.config import ApoConfig, ConfigError
+from tasks.config import ApoConfig, ConfigError
 from flows.dispatch import stages_for
 from tasks.register import register_model
 from tasks.run import finish_run, read_config, start_run

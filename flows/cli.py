@@ -116,6 +116,8 @@ def _summary_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apo_core.data import BUILTIN  # the built-in data sets (no torch: a bad command fails fast)
+
     parser = argparse.ArgumentParser(prog="apo", description="A*-PO post-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline (flow `apo`) locally")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-id", help="run id; re-using one skips completed stages and resumes training")
     ev = sub.add_parser("evaluate", help="evaluate a model on a benchmark (greedy, and avg@K/pass@K with --samples K)")
     ev.add_argument("--model", required=True, help="model folder, hub id, or `embedded`")
-    ev.add_argument("--benchmark", required=True, choices=["gsm8k", "math", "math500", "amc23", "aime24"])
+    ev.add_argument("--benchmark", required=True, choices=list(BUILTIN))
     ev.add_argument("--data-path", help="local or fsspec JSONL/Parquet file of the benchmark (default: the hub)")
     ev.add_argument("--limit", type=int, help="evaluate the first N problems")
     ev.add_argument("--samples", type=int, default=1, help="K sampled responses per problem (adds avg@K, pass@K)")
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         return _evaluate(args)  # no flow: Prefect's API is not needed
 
-    from apo_core.config import ConfigError, load_config
+    from tasks.config import ConfigError, load_config
 
     try:  # a bad config fails before anything starts
         overrides = list(args.overrides) + ([f"run_id={args.run_id}"] if args.run_id else [])
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, local_api: LocalPrefectAPI) -> int:
-    from apo_core.config import ConfigError
-    from apo_core.trainer import CheckpointMismatch
+    from tasks.config import ConfigError
+    from apo_core.checkpoints import CheckpointMismatch
     from flows.apo import apo
     from flows.dispatch import StageRunFailed
     from tasks.preflight import PreflightError
@@ -180,7 +182,7 @@ def _run(cfg, local_api: LocalPrefectAPI) -> int:
 def _evaluate(args) -> int:
     import re
 
-    from apo_core.config import ConfigError, load_config
+    from tasks.config import ConfigError, load_config
 
     entry = f"{args.benchmark}={args.data_path}" if args.data_path else args.benchmark
     overrides = [f"model.path={args.model}", f"eval.samples={args.samples}", *args.overrides]

@@ -9,7 +9,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.rollouts import aggregate_vstar as aggregate
+from apo_core.rollouts import aggregate_vstar as aggregate, is_kept
 
 from . import storage
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
@@ -21,10 +21,9 @@ def aggregate_vstar(ctx: RunContext, samples: StageResult) -> StageResult:
 
     def body(io: StageIO):
         raw = storage.read_parquet(samples.outputs["samples"])
-        df = pl.DataFrame(aggregate(raw["prompt_id"].to_list(), raw["reward"].to_list(), cfg.vstar.beta1))
-        # kept: what stage 2 trains on. The filter drops prompts no reference sample solved.
-        keep = (df["pass_at_n"] > 0) if cfg.vstar.filter_all_zero else pl.repeat(True, df.height, eager=True)
-        df = df.with_columns(kept=keep)
+        rows = aggregate(raw["prompt_id"].to_list(), raw["reward"].to_list(), cfg.vstar.beta1)
+        # kept: what stage 2 trains on
+        df = pl.DataFrame([{**row, "kept": is_kept(row, cfg.vstar.filter_all_zero)} for row in rows])
         storage.write_parquet(df, io.path("vstar.parquet"))
         filtered = int((~df["kept"]).sum())
         metrics = {

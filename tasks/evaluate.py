@@ -9,7 +9,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.data import PromptRecord
 from apo_core.modeling import load_tokenizer
 from apo_core.rewards import get_reward, reward_stats
@@ -17,9 +17,9 @@ from apo_core.rollouts import evaluate as evaluate_model
 
 from . import storage
 from .faults import failpoint
-from .common import engine_for, load_model, read_prompts, verifier_metrics
+from .loading import engine_for, load_model, read_prompts
 from .datasets import load_benchmark
-from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, verifier_metrics
 
 
 def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str, tuple[Sequence[PromptRecord], str]]):

@@ -16,7 +16,7 @@ import string
 import struct
 from typing import Iterable
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.data import TEMPLATES, spec_for
 from apo_core.engines import stop_ids_of
 from apo_core.modeling import EMBEDDED_MODELS

@@ -7,7 +7,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.data import TEMPLATES, PromptRecord, chat_prompt, embedded_prompt_set, spec_for
 from apo_core.modeling import load_tokenizer
 

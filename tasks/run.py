@@ -7,7 +7,7 @@ from typing import Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 
 from . import storage
 from .faults import failpoint
@@ -76,7 +76,7 @@ def read_config(uri: str) -> ApoConfig:
     validated like `apo run --config`; any problem is one ConfigError line naming the URI."""
     import yaml
 
-    from apo_core.config import ConfigError, load_config
+    from .config import ConfigError, load_config
 
     try:
         raw = storage.read_bytes(uri)

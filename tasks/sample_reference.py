@@ -17,15 +17,15 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.data import PromptRecord
 from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import sample_reference as sample
 
 from . import storage
 from .faults import failpoint
-from .common import engine_for, load_model, read_prompts, verifier_metrics
-from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts
+from .loading import engine_for, load_model, read_prompts
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts, verifier_metrics
 
 STAGE = "sample_reference"
 

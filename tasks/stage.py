@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import psutil
 from pydantic import BaseModel
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 
 from . import storage
 from .faults import failpoint
@@ -81,6 +81,14 @@ def sampling_parts(cfg) -> list:
 
 
 @dataclass
+def verifier_metrics(reward: str, before: dict[str, int]) -> dict[str, float]:
+    """What the verifier counted since `before` (= reward_stats(reward) at the stage start):
+    failures score 0 and are reported here, never raised."""
+    from apo_core.rewards import reward_stats
+
+    return {f"verifier/{k}": float(v - before.get(k, 0)) for k, v in reward_stats(reward).items()}
+
+
 class PeakRSS:
     """Peak resident memory of this process while a block runs (sampled every 20 ms)."""
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 
 from . import storage
 

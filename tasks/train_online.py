@@ -20,16 +20,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from apo_core.rewards import get_reward, reward_stats
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.distributed import gathered
 from apo_core.modeling import add_lora, reference_of
-from apo_core.trainer import CheckpointMismatch, OnlineTrainer, TrainPrompt, list_checkpoints, vstar_table_hash
+from apo_core.rollouts import TrainPrompt, training_prompts
+from apo_core.checkpoints import CheckpointMismatch, list_checkpoints, vstar_table_hash
+from apo_core.trainer import OnlineTrainer
 
 from . import storage
-from .common import engine_for, load_model, read_prompts, verifier_metrics
+from .loading import engine_for, load_model, read_prompts
 from .faults import failpoint
 from .preflight import check_vstar_belongs
-from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts
+from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts, verifier_metrics
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
 _RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
@@ -155,11 +157,10 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
         table = storage.read_parquet(vstar.outputs["vstar"])
         train_records = read_prompts(prep, "train")
         check_vstar_belongs(table["prompt_id"].to_list(), [r.prompt_id for r in train_records], vstar.outputs["vstar"])
-        values = table.filter(pl.col("kept"))
-        v_of = dict(zip(values["prompt_id"].to_list(), values["vstar"].to_list()))
-        prompts = [TrainPrompt(r.prompt_id, r.prompt, r.answer, v_of[r.prompt_id]) for r in train_records if r.prompt_id in v_of]
-        if not prompts:
-            raise ValueError("train_online: no training prompts (did the V* filter drop all of them?)")
+        try:
+            prompts = training_prompts(train_records, table.to_dicts(), cfg.vstar.filter_all_zero)
+        except ValueError as exc:
+            raise ValueError(f"train_online: {exc}") from None
         work = _work_dir(io, cfg.run_id or "run")
         ckpt_dir = work / "checkpoints"
         if not storage.is_local(io.uri) and storage.exists(io.path("checkpoints")):

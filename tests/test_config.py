@@ -2,7 +2,7 @@
 
 import pytest
 
-from apo_core.config import ApoConfig, ConfigError, load_config
+from tasks.config import ApoConfig, ConfigError, load_config
 
 
 def test_defaults_are_the_embedded_job():

@@ -5,8 +5,8 @@ import json
 import polars as pl
 import pytest
 
-from apo_core.config import load_config
-from apo_core.data import TEMPLATES, clean_rows, gold_answer, last_boxed, render_prompt, spec_for  # last_boxed: re-exported
+from tasks.config import load_config
+from apo_core.data import TEMPLATES, clean_rows, gold_from_field, last_boxed, render_prompt, spec_for  # last_boxed: re-exported
 from tasks.datasets import hub_uri, read_rows
 
 
@@ -31,7 +31,7 @@ def clean(rows, **kw):
     ],
 )
 def test_gold_answer(value, answer_from, expected):
-    assert gold_answer(value, answer_from) == expected
+    assert gold_from_field(value, answer_from) == expected
 
 
 def test_last_boxed_handles_fbox_and_nesting():

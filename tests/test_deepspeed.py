@@ -108,7 +108,7 @@ def test_pipeline_trains_on_two_deepspeed_ranks(prefect_api, tiny_model_dir, tmp
 
 
 def test_ranks_must_divide_the_minibatch():
-    from apo_core.config import ConfigError, load_config
+    from tasks.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"deepspeed.processes \(3\) must divide minibatch_size \(64\)"):
         load_config(overrides=["train.deepspeed.processes=3"])

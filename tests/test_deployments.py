@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from apo_core.config import ConfigError, load_config
+from tasks.config import ConfigError, load_config
 from tests.helpers.servers import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apo_core.config import load_config
+from tasks.config import load_config
 
 STAGE_FILES = {
     "preprocess": ("prompts.parquet", {"prompt_id", "prompt", "answer", "split"}),

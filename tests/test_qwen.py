@@ -230,7 +230,7 @@ def _edit_json(path: Path, **changes) -> None:
 
 
 def _preflight(folder, **overrides):
-    from apo_core.config import load_config
+    from tasks.config import load_config
     from tasks.preflight import check_model, check_model_tokens
 
     cfg = load_config(None, [f"model.path={folder}", *(f"{k}={v}" for k, v in overrides.items())])
@@ -288,7 +288,7 @@ def test_astar_po_lifts_embedded_qwen_in_chatml(prefect_api, tmp_path):
     accuracy on 200 prompts rises by at least 5 points (measured: 19.0% -> 35.5% in 2 min 18 s on
     2 cores); the prompts are ChatML turns, the responses end on a stop token, and the prompt
     lengths are recorded."""
-    from apo_core.config import load_config
+    from tasks.config import load_config
     from flows.apo import apo
 
     cfg = load_config(overrides=[

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apo_core.config import ConfigError, load_config
+from tasks.config import ConfigError, load_config
 from tasks import storage
 from tasks.register import CHAMPION, decide, register_model
 from tasks.stage import RunContext, StageResult

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import apo_core.math_equivalence as me
-from apo_core.math_equivalence import MathReward, gold_answer, last_boxed, normalize_answer, plain_number
+from apo_core.math_equivalence import MathReward, gold_for_comparison, last_boxed, normalize_answer, plain_number
 from apo_core.rewards import get_reward, reward_stats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rewards"
@@ -194,8 +194,8 @@ def test_last_boxed(text, expected):
 
 
 def test_helpers():
-    assert gold_answer(r"We get $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"  # a MATH solution
-    assert gold_answer(r" \frac{1}{2} ") == r"\frac{1}{2}"  # an answer field
+    assert gold_for_comparison(r"We get $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"  # a MATH solution
+    assert gold_for_comparison(r" \frac{1}{2} ") == r"\frac{1}{2}"  # an answer field
     assert normalize_answer(r"\left( 3, \dfrac{\pi}{2} \right)") == r"(3,\frac{\pi}{2})"
     assert normalize_answer(r"\text{(C)}") == "C"
     assert plain_number(r"\$32,\!348".replace(r"\$", "").replace(r"\!", "")) == 32348

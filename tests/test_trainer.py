@@ -7,7 +7,9 @@ from apo_core.config import TrainConfig
 from apo_core.engines import TransformersEngine
 from apo_core.modeling import add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
 from apo_core.rewards import gsm8k_reward
-from apo_core.trainer import OnlineTrainer, TrainPrompt, list_checkpoints
+from apo_core.rollouts import TrainPrompt
+from apo_core.checkpoints import list_checkpoints
+from apo_core.trainer import OnlineTrainer
 
 PROMPTS = [TrainPrompt(f"p{i}", f"{10 + i}+{20 + i}=?\n", str(30 + 2 * i), 0.25 * (i % 4)) for i in range(8)]
 
@@ -274,7 +276,7 @@ def test_checkpoint_holds_rng_states_data_position_and_vstar_hash(tiny_model_dir
 
     import numpy as np
 
-    from apo_core.trainer import vstar_table_hash
+    from apo_core.checkpoints import vstar_table_hash
 
     trainer = make_trainer(tiny_model_dir, steps=3, rollout_batch_size=4, minibatch_size=2, checkpoint_every=3)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
@@ -321,7 +323,7 @@ def test_killed_and_resumed_unseeded_run_matches_the_uninterrupted_run(tiny_mode
 
 
 def test_resume_against_another_vstar_table_fails_before_training(tiny_model_dir, tmp_path):
-    from apo_core.trainer import CheckpointMismatch, vstar_table_hash
+    from apo_core.checkpoints import CheckpointMismatch, vstar_table_hash
 
     first = make_trainer(tiny_model_dir, steps=2)
     first.train(PROMPTS, tmp_path)

@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apo_core.config import TrainConfig, load_config
+from apo_core.config import TrainConfig
+from tasks.config import load_config
 from apo_core.embedded import make_problems
 from apo_core.engines import TransformersEngine, VLLMEngine, make_engine
 from apo_core.modeling import EMBEDDED_MODEL, add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
 from apo_core.rewards import get_reward
-from apo_core.trainer import OnlineTrainer, TrainPrompt
+from apo_core.rollouts import TrainPrompt
+from apo_core.trainer import OnlineTrainer
 
 PROMPTS = [p["prompt"] for p in make_problems("test", 16)]
 MAX_NEW = 40  # the embedded model answers in ~26 tokens: most stop at EOS, a few may hit the limit
@@ -191,28 +193,32 @@ def test_engine_choice_and_lazy_import(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from apo_core import engines
-    from apo_core.engines import ENGINE_CHOICE, resolve_engine_name
+    from apo_core.engines import resolve_engine_name
+    from tasks import loading
+    from tasks.loading import ENGINE_CHOICE, recorded_engine
 
-    # auto on CPU: per stage, what bench/engines.py --record-choice measured (the shipped file).
+    # auto on CPU: per stage, what bench/engines.py --record-choice measured (the shipped file),
+    # read by the pipeline and passed to the core.
     shipped = json.loads(ENGINE_CHOICE.read_text())["cpu"]
     assert set(shipped) == {"sample_reference", "train_online", "evaluate"}
     for stage, engine in shipped.items():
-        assert resolve_engine_name("auto", "cpu", stage) == engine
+        assert resolve_engine_name("auto", "cpu", recorded_engine(stage)) == engine
     choice = tmp_path / "choice.json"
     choice.write_text(json.dumps({"cpu": {"sample_reference": "vllm", "train_online": "transformers", "evaluate": "tgi"}}))
-    monkeypatch.setattr(engines, "ENGINE_CHOICE", choice)
-    assert resolve_engine_name("auto", "cpu", "sample_reference") == "vllm"
-    assert resolve_engine_name("auto", "cpu", "train_online") == "transformers"
-    assert resolve_engine_name("auto", "cpu", "evaluate") == "transformers"  # unknown engine recorded: fallback
-    assert resolve_engine_name("auto", "cpu") == "transformers"  # no stage: fallback
-    monkeypatch.setattr(engines, "ENGINE_CHOICE", tmp_path / "missing.json")
-    assert resolve_engine_name("auto", "cpu", "sample_reference") == "transformers"  # nothing measured
+    monkeypatch.setattr(loading, "ENGINE_CHOICE", choice)
+    assert resolve_engine_name("auto", "cpu", recorded_engine("sample_reference")) == "vllm"
+    assert resolve_engine_name("auto", "cpu", recorded_engine("train_online")) == "transformers"
+    assert resolve_engine_name("auto", "cpu", recorded_engine("evaluate")) == "transformers"  # unknown engine recorded: fallback
+    assert resolve_engine_name("auto", "cpu") == "transformers"  # nothing passed: fallback
+    monkeypatch.setattr(loading, "ENGINE_CHOICE", tmp_path / "missing.json")
+    assert recorded_engine("sample_reference") is None  # nothing measured
+    assert resolve_engine_name("auto", "cpu", None) == "transformers"
     assert resolve_engine_name("auto", "cuda") == "vllm"  # vllm is importable here
     assert resolve_engine_name("hf", "cuda") == "transformers"
-    with pytest.raises(ValueError, match="unknown generation engine 'sglang'; valid: auto, transformers, vllm"):
+    assert resolve_engine_name("vllm", "cpu", "transformers") == "vllm"  # an explicit engine is never replaced
+    with pytest.raises(ValueError, match="unknown generation engine 'sglang'; valid: transformers, vllm"):
         make_engine("sglang", torch.nn.Linear(1, 1), None)
-    code = "import sys, apo_core.engines, apo_core.trainer, tasks.common; print('vllm' in sys.modules)"
+    code = "import sys, apo_core.engines, apo_core.trainer, tasks.loading; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # vLLM is imported only when a VLLMEngine is built
 

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 import flows.apo  # noqa: F401  (every stage module imported before fail_if_model_loads patches names)
-from apo_core.config import ConfigError, load_config
+from tasks.config import ConfigError, load_config
 from tasks import storage
 from tasks.preflight import PreflightError
 from tests.test_flow import tiny_config
@@ -67,7 +67,7 @@ def one_line(exc: BaseException) -> str:
 
 def fail_if_model_loads(monkeypatch):
     """Model loading is the expensive work: a bad input must be refused before it. Patched
-    wherever a module has bound the loaders (`from .common import load_model`), and only in
+    wherever a module has bound the loaders (`from .loading import load_model`), and only in
     modules imported at the top of this file, so no later test imports a patched name."""
     import sys
 

@@ -98,7 +98,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(complete_run, 
 def test_resume_against_an_altered_vstar_table_fails_loudly(complete_run, record_fault):
     """V* values changed under a resumable run (its manifest rewritten to match, so the stage is
     reused): the checkpoint's V* hash catches it; nothing trains against the wrong values."""
-    from apo_core.trainer import TrainPrompt, vstar_table_hash
+    from apo_core.rollouts import TrainPrompt
+    from apo_core.checkpoints import vstar_table_hash
     from tasks import storage
     from tasks.stage import RESUME_STATE
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apo_core.config import load_config
+from tasks.config import load_config
 from tasks.stage import STAGES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,8 @@ from apo_core.distributed import gathered
 from apo_core.engines import Completion, TransformersEngine
 from apo_core.modeling import load_model_and_tokenizer, reference_of
 from apo_core.rewards import gsm8k_reward
-from apo_core.trainer import OnlineTrainer, TrainPrompt
+from apo_core.rollouts import TrainPrompt
+from apo_core.trainer import OnlineTrainer
 
 PROMPTS = [TrainPrompt(f"p{i}", f"{10 + i}+{20 + i}=?\n", str(30 + 2 * i), 0.25 * (i % 4)) for i in range(16)]
 

@@ -1,11 +1,14 @@
-"""Helpers the stage tasks share: model loading from any URI, reading upstream tables."""
+"""What a stage loads: its model (from any URI), its generation engine, its prompts."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import polars as pl
 import torch
 
-from apo_core.config import ApoConfig
+from .config import ApoConfig
 from apo_core.data import PromptRecord
 from apo_core.engines import make_engine, resolve_engine_name
 from apo_core.modeling import load_model_and_tokenizer
@@ -22,14 +25,6 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def verifier_metrics(reward: str, before: dict[str, int]) -> dict[str, float]:
-    """What the verifier counted since `before` (= reward_stats(reward) at the stage start):
-    failures score 0 and are reported here, never raised."""
-    from apo_core.rewards import reward_stats
-
-    return {f"verifier/{k}": float(v - before.get(k, 0)) for k, v in reward_stats(reward).items()}
-
-
 def load_model(cfg: ApoConfig, path: str | None = None):
     """(model, tokenizer) for `path` (default: the configured reference model), any URI."""
     quiet_transformers()
@@ -41,10 +36,23 @@ def load_model(cfg: ApoConfig, path: str | None = None):
     return load_model_and_tokenizer(path, cfg.model.dtype, cfg.model.device)
 
 
+# Which engine `auto` takes per stage on CPU: written by bench/engines.py (`--record-choice`)
+# from its measurements of apo's own paths on the embedded default, with the run it came from.
+ENGINE_CHOICE = Path(__file__).with_name("engine_choice.json")
+
+
+def recorded_engine(stage: str, device_type: str = "cpu") -> str | None:
+    """The engine bench/engines.py measured fastest for `stage` on `device_type`, if recorded."""
+    try:
+        return json.loads(ENGINE_CHOICE.read_text()).get(device_type, {}).get(stage)
+    except (OSError, ValueError):
+        return None
+
+
 def engine_for(cfg: ApoConfig, stage: str, model, tokenizer):
     """The generation engine configured for `stage` (`auto` resolved for the model's device) over `model`."""
     gen = cfg.generation
-    name = resolve_engine_name(gen.engine_for_stage(stage), next(model.parameters()).device, stage)
+    name = resolve_engine_name(gen.engine_for_stage(stage), next(model.parameters()).device, recorded_engine(stage))
     if name == "vllm":
         kwargs = dict(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
                       enable_sleep_mode=gen.enable_sleep_mode, cpu_kvcache_gb=gen.cpu_kvcache_gb,
