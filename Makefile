@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/prefect server database upgrade -y > /dev/null
 	touch $(STAMP)
 
-# generation.engine=auto: per stage, the engine bench/engines.py measured fastest here (apo_core/assets/engine_choice.json).
+# generation.engine=auto: per stage, the engine bench/engines.py measured fastest here (tasks/engine_choice.json).
 run: $(STAMP)
 	$(BIN)/apo run --set generation.engine=auto
 

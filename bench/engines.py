@@ -351,7 +351,7 @@ def summarize(m: dict) -> dict:
         "fastest_engine_stage1": max(("vllm", "hf"), key=fp32.get),
         "fastest_engine_stage2": min(step, key=step.get),
         # What `generation.engine: auto` takes per stage on CPU (--record-choice writes it to
-        # apo_core/assets/engine_choice.json): apo's own fastest stage-1 path (evaluate generates
+        # tasks/engine_choice.json): apo's own fastest stage-1 path (evaluate generates
         # the same way, one sample per prompt) and the fastest stage-2 step.
         "engine_choice": {"cpu": {"sample_reference": ENGINES[apo_engine_fp32], "evaluate": ENGINES[apo_engine_fp32],
                                   "train_online": ENGINES[min(step, key=step.get)]}},
@@ -395,7 +395,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the mechanics in under a minute")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/engines[-quick].json)")
     parser.add_argument("--record-choice", action="store_true",
-                        help="write the fastest engine per stage to apo_core/assets/engine_choice.json (what `auto` takes on CPU)")
+                        help="write the fastest engine per stage to tasks/engine_choice.json (what `auto` takes on CPU)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -75,64 +75,76 @@ def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult
     if cfg.benchmark not in scores:
         raise ValueError(f"registry.benchmark {cfg.benchmark!r}: evaluate recorded no trained accuracy for it "
                          f"(has: {', '.join(sorted(scores)) or 'none'})")
-    score = scores[cfg.benchmark]
     tracker = ctx.tracker()
-    name = cfg.model_name
-
-    reused = [v for v in tracker.model_versions(name, ctx.parent_run_id)
-              if v.tags.get("apo.evaluate_fingerprint") == evaluated.fingerprint]
-    if reused:
-        version = reused[0]
-    else:
-        version = tracker.register_version(name, source_uri(trained.outputs["model"]), ctx.parent_run_id, {
-            "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
-            **{SCORE_TAG + bench: value for bench, value in scores.items()},
-        })
-
+    version, reused = find_or_register(ctx, tracker, trained, evaluated, scores)
     number = str(version.version)  # the SQL store answers ints, the REST API strings
     record_uri = storage.join(ctx.run_uri, REGISTRY_FILE)
     if reused and DECISION_TAG in version.tags and storage.exists(record_uri):  # decided by an earlier attempt
         record = storage.read_json(record_uri)
         if record.get("version") == number:
-            print(f"[register] {name} version {number} was registered by this run already ({record['decision']})")
+            print(f"[register] {cfg.model_name} version {number} was registered by this run already ({record['decision']})")
             return record
 
-    champion = tracker.version_by_alias(name, CHAMPION)
-    if champion is not None and str(champion.version) == number:
-        # an earlier attempt of this run moved the alias, then stopped before recording why
-        champion_version, champion_score, decision = None, None, "promoted"
-    else:
-        champion_version = str(champion.version) if champion is not None else None
-        champion_score = _champion_score(champion, cfg.benchmark)
-        if champion is not None and champion_score is None:
-            decision = "kept"  # a champion without a score on this benchmark cannot be beaten fairly
-        else:
-            decision = decide(score, champion_score, cfg.min_improvement)
-    if decision in ("first", "promoted"):
-        tracker.set_alias(name, CHAMPION, number)
+    score = scores[cfg.benchmark]
+    decision, champion_version, champion_score = against_champion(tracker, cfg, number, score)
     is_champion = decision in ("first", "promoted")
+    if is_champion:
+        tracker.set_alias(cfg.model_name, CHAMPION, number)
     record = {
-        "model_name": name, "version": number, "source": version.source, "benchmark": cfg.benchmark,
+        "model_name": cfg.model_name, "version": number, "source": version.source, "benchmark": cfg.benchmark,
         "score": score, "champion_score": champion_score, "previous_champion_version": champion_version,
         "min_improvement": cfg.min_improvement, "decision": decision, "champion": is_champion,
         "champion_version": number if is_champion else champion_version,
         "evaluate_fingerprint": evaluated.fingerprint,
     }
-    tracker.set_version_tags(name, number, {DECISION_TAG: decision})
+    record_decision(ctx, tracker, record, record_uri)
+    return record
+
+
+def against_champion(tracker, cfg, number: str, score: float) -> tuple[str, str | None, float | None]:
+    """(decision, the champion's version, its score) for version `number` scoring `score`."""
+    champion = tracker.version_by_alias(cfg.model_name, CHAMPION)
+    if champion is not None and str(champion.version) == number:
+        # an earlier attempt of this run moved the alias, then stopped before recording why
+        return "promoted", None, None
+    champion_version = str(champion.version) if champion is not None else None
+    champion_score = _champion_score(champion, cfg.benchmark)
+    if champion is not None and champion_score is None:
+        return "kept", champion_version, None  # a champion without a score on this benchmark cannot be beaten fairly
+    return decide(score, champion_score, cfg.min_improvement), champion_version, champion_score
+
+
+def find_or_register(ctx: RunContext, tracker, trained: StageResult, evaluated: StageResult,
+                     scores: dict[str, float]) -> tuple[object, bool]:
+    """(the model version of this evaluated model, whether it existed): an earlier attempt of
+    this run registered it already, or a new version with the scores as tags."""
+    name = ctx.config.registry.model_name
+    for version in tracker.model_versions(name, ctx.parent_run_id):
+        if version.tags.get("apo.evaluate_fingerprint") == evaluated.fingerprint:
+            return version, True
+    return tracker.register_version(name, source_uri(trained.outputs["model"]), ctx.parent_run_id, {
+        "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
+        **{SCORE_TAG + bench: value for bench, value in scores.items()},
+    }), False
+
+
+def record_decision(ctx: RunContext, tracker, record: dict, record_uri: str) -> None:
+    """The decision as a tag of the version, tags and metrics of the parent run, and registry.json."""
+    name, number, champion_version = record["model_name"], record["version"], record["previous_champion_version"]
+    tracker.set_version_tags(name, number, {DECISION_TAG: record["decision"]})
     tracker.set_tags(ctx.parent_run_id, {
-        "apo.registry.model_name": name, "apo.registry.version": number, "apo.registry.decision": decision,
-        "apo.registry.benchmark": cfg.benchmark, "apo.registry.champion_version": record["champion_version"],
+        "apo.registry.model_name": name, "apo.registry.version": number, "apo.registry.decision": record["decision"],
+        "apo.registry.benchmark": record["benchmark"], "apo.registry.champion_version": record["champion_version"],
         "apo.registry.previous_champion_version": champion_version or "none",
     })
-    metrics = {"registry/score": score, "registry/version": float(number), "registry/promoted": float(is_champion)}
-    if champion_score is not None:
-        metrics["registry/champion_score"] = champion_score
+    metrics = {"registry/score": record["score"], "registry/version": float(number), "registry/promoted": float(record["champion"])}
+    if record["champion_score"] is not None:
+        metrics["registry/champion_score"] = record["champion_score"]
     tracker.log_metrics(ctx.parent_run_id, metrics)
     storage.write_json(record, record_uri)
-    against = f"champion v{champion_version} {champion_score}" if champion_version else "no champion yet"
-    print(f"[register] {name} version {number}: {cfg.benchmark} {score:.4f} vs {against} -> {decision}"
-          f" (champion: v{record['champion_version']})")
-    return record
+    against = f"champion v{champion_version} {record['champion_score']}" if champion_version else "no champion yet"
+    print(f"[register] {name} version {number}: {record['benchmark']} {record['score']:.4f} vs {against} -> "
+          f"{record['decision']} (champion: v{record['champion_version']})")
 
 
 def _champion_score(champion, benchmark: str) -> float | None:

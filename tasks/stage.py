@@ -80,7 +80,6 @@ def sampling_parts(cfg) -> list:
     return [{"stop_token_ids": stops}] if stops else []
 
 
-@dataclass
 def verifier_metrics(reward: str, before: dict[str, int]) -> dict[str, float]:
     """What the verifier counted since `before` (= reward_stats(reward) at the stage start):
     failures score 0 and are reported here, never raised."""
@@ -89,6 +88,7 @@ def verifier_metrics(reward: str, before: dict[str, int]) -> dict[str, float]:
     return {f"verifier/{k}": float(v - before.get(k, 0)) for k, v in reward_stats(reward).items()}
 
 
+@dataclass
 class PeakRSS:
     """Peak resident memory of this process while a block runs (sampled every 20 ms)."""
 

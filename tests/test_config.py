@@ -78,3 +78,41 @@ def test_engine_selectable_per_stage():
     assert gen.engine_for_stage("sample_reference") == "vllm"
     with pytest.raises(ConfigError, match="stage_engines"):
         load_config(overrides=["generation.stage_engines.preprocess=vllm"])
+
+
+def _prefect_form():
+    """The `apo` flow's parameter schema as Prefect stores it for a deployment's form."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.apo import apo
+
+    return parameter_schema(apo.fn).model_dump(mode="json", by_alias=True)
+
+
+def test_the_prefect_form_lists_what_to_run_before_where_it_runs():
+    schema = _prefect_form()
+    config = schema["definitions"]["ApoConfig"]["properties"]
+    assert list(config) == ["run_id", "data", "reward", "model", "generation", "reference", "vstar", "train", "eval",
+                            "registry", "artifact_root", "storage", "tracking", "execution", "orchestration"]
+
+
+def test_every_description_survives_markdown():
+    """Prefect's UI renders field descriptions as markdown, where <placeholder> is an HTML tag and vanishes."""
+    import re
+
+    descriptions = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("description"), str):
+                descriptions.append(node["description"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(_prefect_form())
+    assert len(descriptions) > 100
+    outside_code = [re.sub(r"`[^`]*`", "", text) for text in descriptions]
+    assert [t for t in outside_code if re.search(r"</?[A-Za-z][^>]*>", t)] == []

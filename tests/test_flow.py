@@ -236,3 +236,25 @@ def test_markers_carry_a_manifest_of_the_published_outputs(prefect_api, tiny_mod
     assert marker["manifest"]["vstar.parquet"]["rows"] == 24 and len(marker["manifest"]["vstar.parquet"]["sha256"]) == 64
     assert not any(k.startswith("checkpoints/") for k in json.loads((run / "train_online" / "_COMPLETE.json").read_text())["manifest"])
     # Damaged outputs against these manifests: tests/faults/test_corruption.py.
+
+
+def test_the_all_zero_filter_drops_prompts_from_training(prefect_api, tmp_path):
+    """vstar.filter_all_zero on the shipped model (it solves some prompts, not all): the prompts
+    none of whose N reference samples was right are marked not kept, and train_online trains on
+    the others only."""
+    from flows.apo import apo
+
+    cfg = load_config(overrides=[
+        "run_id=filter", f"artifact_root={tmp_path}", "data.train_size=16", "data.test_size=8",
+        "reference.n_samples=2", "vstar.filter_all_zero=true", "train.steps=2", "train.rollout_batch_size=8",
+        "train.minibatch_size=8", "eval.evaluate_reference=false",
+    ])
+    summary = apo(config=cfg)
+    vstar = pl.read_parquet(f"{tmp_path}/filter/aggregate_vstar/vstar.parquet")
+    assert vstar["kept"].to_list() == (vstar["pass_at_n"] > 0).to_list()
+    kept = set(vstar.filter(pl.col("kept"))["prompt_id"])
+    assert 0 < len(kept) < vstar.height  # some dropped, some kept
+    assert summary["metrics"]["vstar/filtered_out"] == vstar.height - len(kept)
+    assert summary["metrics"]["train/prompts"] == len(kept)
+    trained_on = set(pl.read_parquet(f"{tmp_path}/filter/train_online/samples.parquet")["prompt_id"])
+    assert trained_on and trained_on <= kept
