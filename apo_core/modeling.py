@@ -67,6 +67,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def save_random_qwen2(path: str | Path, shape: dict, tokenizer) -> int:
+    """A randomly initialised (seed 0) Qwen2 of `shape` (Qwen2Config fields) with `tokenizer`'s
+    special tokens and tied embeddings, saved with the tokenizer to `path` like a real
+    checkpoint; returns its parameter count. For tests and benchmarks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**shape, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_tokenizer(path: str, pad_fallback: bool = True):
     """Tokenizer of a local folder or hub id, padding on the left (batched generation); without a
     pad token it pads with eos (padding is masked everywhere), unless `pad_fallback` is off."""

@@ -229,19 +229,9 @@ def child_stage2(engine: str, s: dict) -> dict:
 
 def child_save_model(shape: dict, path: str) -> dict:
     """A randomly initialised Qwen2 of `shape` with the embedded tokenizer, saved to `path`."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from apo_core.modeling import load_tokenizer, save_random_qwen2
 
-    from apo_core.modeling import load_tokenizer
-
-    tok = load_tokenizer("embedded")
-    cfg = Qwen2Config(**shape, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+    return {"parameters": save_random_qwen2(path, shape, load_tokenizer("embedded"))}
 
 
 def child_stage3(variant: str, model_dir: str, s: dict) -> dict:

@@ -25,20 +25,13 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Qwen2 (head_dim 32) with the byte tokenizer, saved like a real checkpoint."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from apo_core.modeling import save_random_qwen2
     from apo_core.tokenizer import build_byte_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-model")
-    tok = build_byte_tokenizer()
-    cfg = Qwen2Config(
-        vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_random_qwen2(path, dict(vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=128, max_position_embeddings=256),
+                      build_byte_tokenizer())
     return path
 
 

@@ -345,3 +345,26 @@ def test_resume_against_another_vstar_table_fails_before_training(tiny_model_dir
     with pytest.raises(CheckpointMismatch, match=f"{ours}.*{theirs}"):
         resumed.train(other, tmp_path)
     assert resumed.engine.calls == [] and resumed.step == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+
+
+def test_entropy_bonus_raises_the_policys_entropy(tiny_model_dir, tmp_path):
+    """train.entropy_coef > 0 subtracts coef x the policy's mean token entropy from the loss:
+    the step reports it, and training with it leaves the policy with more entropy than without."""
+    from apo_core.objectives import mean_entropy
+
+    def entropy_after(coef):
+        trainer = make_trainer(tiny_model_dir, entropy_coef=coef, steps=3)
+        history = []
+        trainer.train(PROMPTS, tmp_path / f"coef{coef}", on_step=lambda s, m, _: history.append(m))
+        tok = trainer.tokenizer
+        probe = collate([tok(p.prompt)["input_ids"] for p in PROMPTS], [tok(" 42")["input_ids"] * 4] * len(PROMPTS),
+                        tok.pad_token_id)
+        with torch.no_grad():
+            _, entropies = response_logprobs(trainer.policy, probe, with_entropy=True)
+        return history, float(mean_entropy(entropies, probe.response_mask))
+
+    plain, plain_entropy = entropy_after(0.0)
+    bonus, bonus_entropy = entropy_after(5.0)
+    assert "train/entropy" not in plain[0] and bonus[0]["train/entropy"] > 0
+    assert bonus[0]["rollout/reward_mean"] == plain[0]["rollout/reward_mean"]  # the first rollout is the same
+    assert bonus_entropy > plain_entropy + 1e-3
