@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from .config import ApoConfig
-from apo_core.data import PromptRecord
+from apo_core.data import PromptRecord, reward_of
 from apo_core.modeling import load_tokenizer
 from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import evaluate as evaluate_model
@@ -49,7 +49,7 @@ def benchmark_sets(cfg: ApoConfig, tokenizer) -> dict[str, tuple[list[PromptReco
     for entry in cfg.eval.benchmarks:
         name = entry.split("=", 1)[0]
         cleaned, _ = load_benchmark(entry, tokenizer, cfg.eval.benchmark_limit)
-        sets[name] = (cleaned.records, "gsm8k" if name == "gsm8k" else "math")
+        sets[name] = (cleaned.records, reward_of(name))
     return sets
 
 
