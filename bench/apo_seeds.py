@@ -24,8 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402  (bench/peers.py: the child runner, the sizes, the evaluation)
+BENCH = Path(__file__).resolve().parent
+for path in (BENCH.parent, BENCH):  # apo_core; bench/peerlib (bench/peers.py's child runner, sizes and evaluation)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from peerlib.runners import run_child  # noqa: E402
+from peerlib.settings import (  # noqa: E402
+    ROOT, SIZES, base_spec, comma_floats, comma_ints, parse_train_overrides, rollout_steps,
+)
 
 
 def summarise(accuracies: list[float]) -> dict:
@@ -41,9 +48,9 @@ def summarise(accuracies: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="peers.py's quick sizes: the mechanics in a minute")
-    ap.add_argument("--lr", type=peers._floats, default=[1e-4])
-    ap.add_argument("--beta2", type=peers._floats, default=[0.1])
-    ap.add_argument("--seeds", type=peers._ints, default=[0, 1, 2])
+    ap.add_argument("--lr", type=comma_floats, default=[1e-4])
+    ap.add_argument("--beta2", type=comma_floats, default=[0.1])
+    ap.add_argument("--seeds", type=comma_ints, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="another TrainConfig field for every run (repeatable)")
     ap.add_argument("--passes", type=int, default=None,
@@ -52,14 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    s = {**peers.SIZES["quick" if args.quick else "full"]}
+    s = {**SIZES["quick" if args.quick else "full"]}
     if args.passes is not None:
         if args.passes < 1:
             sys.exit(f"apo_seeds: --passes must be at least 1, got {args.passes}")
         s["passes"] = args.passes
-    extra = peers.parse_train_overrides(args.set, "apo_seeds", "--set")
-    steps = peers.rollout_steps(s["passes"], s["train"], s["prompts_per_step"])
-    base = {**peers.base_spec(s, args.threads), "method": "apo", "mode": "seeds", "score": True, "steps": steps,
+    extra = parse_train_overrides(args.set, "apo_seeds", "--set")
+    steps = rollout_steps(s["passes"], s["train"], s["prompts_per_step"])
+    base = {**base_spec(s, args.threads), "method": "apo", "mode": "seeds", "score": True, "steps": steps,
             "train_config": extra}
     log_dir = Path(tempfile.mkdtemp(prefix="apo-seeds-logs-"))
     started = time.time()
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs = []
             for seed in args.seeds:
                 tag = f"apo-lr{lr:g}-b2{beta2:g}-s{seed}"
-                r = peers.run_child({**base, "lr": lr, "beta2": beta2, "seed": seed}, log_dir, tag)
+                r = run_child({**base, "lr": lr, "beta2": beta2, "seed": seed}, log_dir, tag)
                 runs.append({"seed": seed, "final_accuracy": r["final_accuracy"], "wall_s": round(r["wall_s"], 2),
                              "kl": r["kl"], "reference_accuracy": r["reference_accuracy"],
                              "minibatch_size": r["minibatch_size"], "steps": r["steps"]})
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "train_config": extra, "seeds": args.seeds},
            "run": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "wall_s": round(time.time() - started, 1), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                   "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=peers.ROOT, capture_output=True,
+                   "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                 text=True).stdout.strip()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -35,7 +35,10 @@ for path in (ROOT, BENCH):  # apo_core and tasks; the sibling bench scripts whos
         sys.path.insert(0, str(path))
 
 import engines as bench_engines  # noqa: E402  (bench/engines.py)
-import peers  # noqa: E402  (bench/peers.py)
+from peerlib.memory import memory_phase, rss_mb  # noqa: E402  (bench/peers.py's pieces)
+from peerlib import report as peers_report  # noqa: E402
+from peerlib.runners import run_child, setup_child  # noqa: E402
+from peerlib.settings import comma_ints  # noqa: E402
 
 QWEN_VOCAB, TWIN_VOCAB = 151_936, 32_768
 PARTS = ("memory", "stage1")
@@ -99,9 +102,9 @@ def step_peak():
     out: dict = {}
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    if peers._rss_mb("VmHWM") <= peers._rss_mb("VmRSS") + 1.0:  # the reset took
+    if rss_mb("VmHWM") <= rss_mb("VmRSS") + 1.0:  # the reset took
         yield out
-        out.update(peak_mb=peers._rss_mb("VmHWM"), method="VmHWM reset via /proc/self/clear_refs")
+        out.update(peak_mb=rss_mb("VmHWM"), method="VmHWM reset via /proc/self/clear_refs")
         return
     from tasks.stage import PeakRSS
 
@@ -138,7 +141,7 @@ def memory_point(spec: dict) -> dict:
         config, source = embedded_qwen_config(V)
         torch.manual_seed(spec.get("seed", 0))
         model = Qwen2ForCausalLM(config)  # fp32, random init
-        phases = [peers.memory_phase("model built", model)]
+        phases = [memory_phase("model built", model)]
         # The stop token: one past the last row, which no model can sample, so every response runs to T.
         stop = V
         engine = engine_for(ApoConfig(generation={"engine": "transformers", "stop_token_ids": [stop]}), "train_online",
@@ -151,14 +154,14 @@ def memory_point(spec: dict) -> dict:
         prompt_ids = engine.prompt_token_ids([p.prompt for p in prompts])
         model.train()
         warmup, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))  # allocates AdamW's moments
-        phases.append(peers.memory_phase("warm-up step", model, trainer.ref_policy, trainer.optimizer))
+        phases.append(memory_phase("warm-up step", model, trainer.ref_policy, trainer.optimizer))
         gc.collect()
-        rss_after_warmup = peers._rss_mb("VmRSS")
+        rss_after_warmup = rss_mb("VmRSS")
         trimmed = malloc_trim()
-        before = peers._rss_mb("VmRSS")
+        before = rss_mb("VmRSS")
         with step_peak() as peak:
             metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
-        phases.append(peers.memory_phase("measured step", model, trainer.ref_policy, trainer.optimizer))
+        phases.append(memory_phase("measured step", model, trainer.ref_policy, trainer.optimizer))
         used_elements = modeling.LOGITS_CHUNK_ELEMENTS
     finally:
         modeling.LOGITS_CHUNK_ELEMENTS = chunk_elements
@@ -199,17 +202,17 @@ def stage1_point(spec: dict) -> dict:
 
 def child_main(spec: dict) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    peers._setup(spec["threads"], spec.get("seed", 0))
+    setup_child(spec["threads"], spec.get("seed", 0))
     out = {"memory": memory_point, "stage1": stage1_point}[spec["kind"]](spec)
-    out["process_peak_rss_mb"] = round(peers._rss_mb(), 1)
+    out["process_peak_rss_mb"] = round(rss_mb(), 1)
     return out
 
 
 # -- parent side -----------------------------------------------------------------------------------
 def run_point(spec: dict, log_dir: Path | None, name: str) -> dict:
-    """One point in its own child process (peers.run_child), or in this one without a log_dir (--quick)."""
+    """One point in its own child process (peerlib's run_child), or in this one without a log_dir (--quick)."""
     if log_dir is not None:
-        return peers.run_child(spec, log_dir, name, script=Path(__file__))
+        return run_child(spec, log_dir, name, script=Path(__file__))
     print(f"  {name} (in-process) ...", end=" ", flush=True)
     start = time.perf_counter()
     out = json.loads(json.dumps(child_main(spec)))  # the same JSON round trip as a child's
@@ -255,7 +258,7 @@ def measure_memory(m: dict, threads: int, log_dir: Path | None, unchunked: bool)
 
 
 def machine(threads: int) -> dict:
-    info = peers.machine(threads)
+    info = peers_report.machine(threads)
     info["bf16_units"] = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16"})
     info["memory_gb"] = round(int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
                                        if line.startswith("MemTotal"))) / 2**20, 1)
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/vocab.json, --quick: vocab-quick.json)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every point")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
-    ap.add_argument("--tokens", type=peers._ints, default=None, help="memory: response tokens (comma list; default 256,1024)")
+    ap.add_argument("--tokens", type=comma_ints, default=None, help="memory: response tokens (comma list; default 256,1024)")
     ap.add_argument("--prompts", type=int, default=None, help="memory: prompts per step (default 64)")
     ap.add_argument("--unchunked", action="store_true",
                     help="memory: also one step with the logits in one chunk at the largest vocabulary and "

@@ -1,5 +1,5 @@
-"""bench/peers.py: its quick mode end to end for apo in the product venv, and the pieces
-that turn runs into the figures BENCHMARKS.md reports.
+"""bench/peers.py and its package bench/peerlib: the quick mode end to end for apo in the product
+venv, and the pieces that turn runs into the figures BENCHMARKS.md reports.
 
 The TRL methods need bench/.venv-peers (`make bench-env`), whose install took 7.5-9.5 min on the
 2-core CI machine: too slow for CI, so CI runs apo's side (the Prefect flow in `paper`, the stage
@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "bench"))  # bench/peerlib, as bench/peers.py finds it
+from peerlib import measures, runners, settings  # noqa: E402
 
 
 def _peers():
+    """bench/peers.py, the command, loaded from its path (bench/ is no package)."""
     spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,7 +46,7 @@ def quick_apo(tmp_path_factory):
     return json.loads(out.read_text()), out, proc.stdout
 
 
-def test_quick_apo_writes_the_issue_keys(quick_apo):
+def test_quick_apo_writes_every_modes_figures(quick_apo):
     r, out, _ = quick_apo
     paper = r["paper"]["apo"]
     for key in ("wall_s", "final_accuracy", "peak_rss_mb", "kl", "generated_tokens"):
@@ -97,19 +100,17 @@ def test_quick_apo_writes_the_issue_keys(quick_apo):
 
 
 def test_time_to_target_and_overhead_arithmetic():
-    peers = _peers()
     curve = [{"t_s": 0.0, "accuracy": 0.40}, {"t_s": 3.0, "accuracy": 0.45}, {"t_s": 6.0, "accuracy": 0.50},
              {"t_s": 9.0, "accuracy": 0.42}]
-    assert peers.time_to_target(curve, 0.50) == 6.0
-    assert peers.time_to_target(curve, 0.51) is None
-    o = peers.pipeline_overhead({"stage_seconds": {"preprocess": 1.0, "sample_reference": 4.0, "evaluate": 3.0}}, 10.0)
+    assert measures.time_to_target(curve, 0.50) == 6.0
+    assert measures.time_to_target(curve, 0.51) is None
+    o = runners.pipeline_overhead({"stage_seconds": {"preprocess": 1.0, "sample_reference": 4.0, "evaluate": 3.0}}, 10.0)
     assert o["outside_stages_s"] == pytest.approx(2.0) and o["overhead_frac"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="wall_s"):
-        peers.pipeline_overhead({"stage_seconds": {}}, 0.0)
+        runners.pipeline_overhead({"stage_seconds": {}}, 0.0)
 
 
 def test_targets_compare_the_best_of_each_method():
-    peers = _peers()
     results = {
         "paper": {"apo": {"wall_s": 40.0, "final_accuracy": 0.55}, "trl_grpo": {"wall_s": 100.0, "final_accuracy": 0.56}},
         "memory": {"apo": {"peak_rss_mb": 900.0}, "trl_grpo": {"peak_rss_mb": 1000.0}, "trl_a2po": {"peak_rss_mb": 1200.0}},
@@ -117,7 +118,7 @@ def test_targets_compare_the_best_of_each_method():
         "overhead": {"overhead_frac": 0.08},
         "settings": {"race_budget_s": 60.0},
     }
-    t = peers.targets(results)
+    t = measures.targets(results)
     assert t["paper_apo_over_grpo_wall"] == {"value": 0.4, "target": "<= 0.5", "met": True}
     assert t["paper_apo_minus_grpo_accuracy"]["met"] is True  # -1 point is within 2
     assert t["memory_apo_over_lower_peer_rss"]["value"] == pytest.approx(0.9) and t["memory_apo_over_lower_peer_rss"]["met"] is False
@@ -126,10 +127,10 @@ def test_targets_compare_the_best_of_each_method():
     grpo = t["race_apo_over_trl_grpo_time_to_target"]
     assert grpo["value"] is None and grpo["upper_bound"] == pytest.approx(0.5) and grpo["met"] is None
     results["race"]["trl_a2po"]["time_to_target_s"] = None
-    a2po = peers.targets(results)["race_apo_over_trl_a2po_time_to_target"]
+    a2po = measures.targets(results)["race_apo_over_trl_a2po_time_to_target"]
     assert a2po["upper_bound"] == pytest.approx(0.5) and a2po["met"] is True  # 0.5 <= 0.7
     results["race"]["apo"]["time_to_target_s"] = None
-    assert peers.targets(results)["race_apo_over_trl_a2po_time_to_target"]["met"] is False  # nobody got there
+    assert measures.targets(results)["race_apo_over_trl_a2po_time_to_target"]["met"] is False  # nobody got there
     assert t["pipeline_overhead_frac"]["met"] is True
 
 
@@ -163,41 +164,39 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
 
 
 def test_sweep_points_and_tags():
-    peers = _peers()
     lrs = {"apo": [1e-4], "trl_grpo": [1e-4, 3e-4], "trl_a2po": [1e-4]}
-    assert peers._sweep("trl_grpo", lrs, [1e-3, 0.1]) == [{"lr": 1e-4, "beta2": None}, {"lr": 3e-4, "beta2": None}]
-    assert peers._sweep("trl_a2po", lrs, [1e-3, 0.1], [16]) == [{"lr": 1e-4, "beta2": 1e-3}, {"lr": 1e-4, "beta2": 0.1}]
-    apo = peers._sweep("apo", lrs, [1e-3], [16, 64])  # the minibatch sweep is apo's alone
+    assert measures.sweep_points("trl_grpo", lrs, [1e-3, 0.1]) == [{"lr": 1e-4, "beta2": None}, {"lr": 3e-4, "beta2": None}]
+    assert measures.sweep_points("trl_a2po", lrs, [1e-3, 0.1], [16]) == [{"lr": 1e-4, "beta2": 1e-3}, {"lr": 1e-4, "beta2": 0.1}]
+    apo = measures.sweep_points("apo", lrs, [1e-3], [16, 64])  # the minibatch sweep is apo's alone
     assert apo == [{"lr": 1e-4, "beta2": 1e-3, "minibatch": 16}, {"lr": 1e-4, "beta2": 1e-3, "minibatch": 64}]
-    assert [peers._tag("apo", p, 0) for p in apo] == ["apo-lr0.0001-b20.001-mb16-s0", "apo-lr0.0001-b20.001-mb64-s0"]
-    assert peers._tag("trl_grpo", {"lr": 3e-4, "beta2": None}) == "trl_grpo-lr0.0003"
+    assert [measures.run_tag("apo", p, 0) for p in apo] == ["apo-lr0.0001-b20.001-mb16-s0", "apo-lr0.0001-b20.001-mb64-s0"]
+    assert measures.run_tag("trl_grpo", {"lr": 3e-4, "beta2": None}) == "trl_grpo-lr0.0003"
     # the V* filter is apo's alone too, crossed with the rest
-    filtered = peers._sweep("apo", lrs, [1e-3], None, [0, 1])
+    filtered = measures.sweep_points("apo", lrs, [1e-3], None, [0, 1])
     assert filtered == [{"lr": 1e-4, "beta2": 1e-3, "filter": 0}, {"lr": 1e-4, "beta2": 1e-3, "filter": 1}]
-    assert [peers._tag("apo", p) for p in filtered] == ["apo-lr0.0001-b20.001", "apo-lr0.0001-b20.001-filter"]
-    assert peers._sweep("trl_a2po", lrs, [1e-3], None, [0, 1]) == [{"lr": 1e-4, "beta2": 1e-3}]
+    assert [measures.run_tag("apo", p) for p in filtered] == ["apo-lr0.0001-b20.001", "apo-lr0.0001-b20.001-filter"]
+    assert measures.sweep_points("trl_a2po", lrs, [1e-3], None, [0, 1]) == [{"lr": 1e-4, "beta2": 1e-3}]
     # GRPO's generations per prompt are its own sweep axis, tagged -gN
-    grpo = peers._sweep("trl_grpo", {**lrs, "trl_grpo": [1e-4]}, [1e-3], None, None, [2, 4])
+    grpo = measures.sweep_points("trl_grpo", {**lrs, "trl_grpo": [1e-4]}, [1e-3], None, None, [2, 4])
     assert grpo == [{"lr": 1e-4, "beta2": None, "generations": 2}, {"lr": 1e-4, "beta2": None, "generations": 4}]
-    assert [peers._tag("trl_grpo", p) for p in grpo] == ["trl_grpo-lr0.0001-g2", "trl_grpo-lr0.0001-g4"]
-    assert peers._sweep("apo", lrs, [1e-3], None, None, [2]) == [{"lr": 1e-4, "beta2": 1e-3}]
+    assert [measures.run_tag("trl_grpo", p) for p in grpo] == ["trl_grpo-lr0.0001-g2", "trl_grpo-lr0.0001-g4"]
+    assert measures.sweep_points("apo", lrs, [1e-3], None, None, [2]) == [{"lr": 1e-4, "beta2": 1e-3}]
 
 
 def test_train_overrides_parse_and_reach_the_pipeline():
     """--apo-set (peers.py) and --set (apo_seeds.py): JSON values, bare words as strings, one-line refusals."""
-    peers = _peers()
-    extra = peers.parse_train_overrides(["lr=2e-5", "update_in_backward=false", "reference_dtype=model"], "peers", "--apo-set")
+    extra = settings.parse_train_overrides(["lr=2e-5", "update_in_backward=false", "reference_dtype=model"], "peers", "--apo-set")
     assert extra == {"lr": 2e-5, "update_in_backward": False, "reference_dtype": "model"}
     with pytest.raises(SystemExit) as exc:
-        peers.parse_train_overrides(["bogus=1", "lr=1"], "peers", "--apo-set")
+        settings.parse_train_overrides(["bogus=1", "lr=1"], "peers", "--apo-set")
     assert str(exc.value) == "peers: --apo-set bogus: not a TrainConfig field"
     with pytest.raises(SystemExit) as exc:
-        peers.parse_train_overrides(["lr"], "peers", "--apo-set")
+        settings.parse_train_overrides(["lr"], "peers", "--apo-set")
     assert str(exc.value) == "peers: --apo-set wants FIELD=VALUE, got 'lr'"
     # the `paper` mode's pipeline gets them as train.* overrides, after the benchmark's own
     spec = {"prompts_per_step": 8, "max_new_tokens": 16, "train": 16, "test": 8, "n_ref": 2, "seed": 0, "lr": 1e-4,
             "beta2": 0.1, "threads": 1, "train_config": {"reference_dtype": "model", "lr": 2e-5}}
-    sets = peers._pipeline_overrides(spec, Path("/tmp/x"), "r", 4)
+    sets = runners._pipeline_overrides(spec, Path("/tmp/x"), "r", 4)
     assert "train.reference_dtype=model" in sets and "train.lr=2e-05" in sets and "train.lr=0.0001" not in sets
 
 
