@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .config import ENGINE_NAMES, GenerationConfig, engine_name
+from .config import GenerationConfig, engine_name
 from .decoding import decode
 from .seeds import derived_seed
 

@@ -63,7 +63,7 @@ from peerlib.measures import (  # noqa: E402
     measure_gpu, measure_memory, measure_overhead, measure_paper, measure_race, measure_scaling, targets,
 )
 from peerlib.report import machine, plot, report  # noqa: E402
-from peerlib.runners import child_main  # noqa: E402
+from peerlib.runners import add_child_arguments, answer_child, child_main  # noqa: E402
 from peerlib.settings import (  # noqa: E402
     APO_BETA1, GPU_SIZES, GRPO_GENERATIONS, METHODS, MODES, SIZES, base_spec, comma_floats, comma_ints,
     parse_train_overrides,
@@ -98,13 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/peers.json, --quick: results/peers-quick.json)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="earlier peers JSONs whose modes this run does not measure are copied in (their run info under `parts`)")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    add_child_arguments(ap)
     args = ap.parse_args(argv)
-
-    if args.child:
-        result = child_main(json.loads(args.child))
-        Path(args.result).write_text(json.dumps(result))
+    if answer_child(args, child_main):
         return
 
     s = json.loads(json.dumps(SIZES["quick" if args.quick else "full"]))

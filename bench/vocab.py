@@ -37,7 +37,7 @@ for path in (ROOT, BENCH):  # apo_core and tasks; the sibling bench scripts whos
 import engines as bench_engines  # noqa: E402  (bench/engines.py)
 from peerlib.memory import memory_phase, rss_mb  # noqa: E402  (bench/peers.py's pieces)
 from peerlib import report as peers_report  # noqa: E402
-from peerlib.runners import run_child, setup_child  # noqa: E402
+from peerlib.runners import add_child_arguments, answer_child, run_child, setup_child  # noqa: E402
 from peerlib.settings import comma_ints  # noqa: E402
 
 QWEN_VOCAB, TWIN_VOCAB = 151_936, 32_768
@@ -316,11 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unchunked-tokens", type=int, default=None,
                     help="response tokens of the --unchunked point (default 256: ~50 GB; 64 fits ~13 GB)")
     ap.add_argument("--children", action="store_true", help="--quick: every point in its own child process all the same")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    add_child_arguments(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        Path(args.result).write_text(json.dumps(child_main(json.loads(args.child))))
+    if answer_child(args, child_main):
         return
 
     from apo_core.modeling import EMBEDDED_QWEN, LOGITS_CHUNK_ELEMENTS  # torch: the parent only reads a constant

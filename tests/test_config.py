@@ -116,3 +116,26 @@ def test_every_description_survives_markdown():
     assert len(descriptions) > 100
     outside_code = [re.sub(r"`[^`]*`", "", text) for text in descriptions]
     assert [t for t in outside_code if re.search(r"</?[A-Za-z][^>]*>", t)] == []
+
+
+def test_every_registry_is_the_one_the_settings_accept():
+    """Each variant list lives once: the settings accept exactly the registered names, and an
+    unknown name lists the valid ones."""
+    from typing import get_args
+
+    from apo_core.config import ENGINE_NAMES, DataConfig, GenerationConfig
+    from apo_core.data import BUILTIN, DATA_SETS, reward_of
+    from apo_core.engines import ENGINES
+    from apo_core.rewards import REWARDS
+    from flows.cli import main
+
+    assert tuple(ENGINES) == ENGINE_NAMES
+    assert set(get_args(GenerationConfig.model_fields["engine"].annotation)) == {"auto", *ENGINES}
+    assert set(get_args(DataConfig.model_fields["name"].annotation)) == set(DATA_SETS) == {"embedded", "custom", *BUILTIN}
+    assert {reward_of(name) for name in DATA_SETS} <= set(REWARDS)
+    with pytest.raises(ValueError, match="unknown data set 'nope'; valid: embedded, custom, gsm8k, math, math500, amc23, aime24"):
+        reward_of("nope")
+    with pytest.raises(ConfigError, match="benchmark 'nope' unknown; valid: gsm8k, math, math500, amc23, aime24"):
+        load_config(overrides=["eval.benchmarks=[nope]"])
+    with pytest.raises(SystemExit):  # argparse lists the choices, from the same registry
+        main(["evaluate", "--model", "embedded", "--benchmark", "nope"])

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .memory import memory_phase, rss_mb
 from .scoring import Clock, Scorer, heldout_accuracy, policy_kl, task_records
@@ -414,6 +415,22 @@ def _tree_rss_mb(proc) -> float:
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
     return total / 2**20
+
+
+def add_child_arguments(ap) -> None:
+    """The hidden flags a bench script answers as a child of run_child: `--child SPEC --result PATH`."""
+    import argparse
+
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def answer_child(args, main: Callable[[dict], dict]) -> bool:
+    """As a child (args.child set): run main(spec), write its result where the parent reads it; True."""
+    if not args.child:
+        return False
+    Path(args.result).write_text(json.dumps(main(json.loads(args.child))))
+    return True
 
 
 def run_child(spec: dict, log_dir: Path, name: str, script: Path | None = None) -> dict:
