@@ -30,7 +30,7 @@ def clean(rows, **kw):
         (True, "field", None),
     ],
 )
-def test_gold_answer(value, answer_from, expected):
+def test_gold_from_field(value, answer_from, expected):
     assert gold_from_field(value, answer_from) == expected
 
 

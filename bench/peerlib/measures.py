@@ -3,6 +3,7 @@ that compare apo with its peers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,13 +102,22 @@ def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None
     return out
 
 
+@contextlib.contextmanager
+def random_model(shape: dict, mode: str, base: dict, log_dir: Path):
+    """(folder, parameter count) of a random Qwen2 of `shape` that a child process saved, for the block."""
+    model_dir = tempfile.mkdtemp(prefix=f"apo-peers-{mode}-model-")
+    try:
+        saved = run_child({"method": "save_model", "mode": mode, "threads": base["threads"], "shape": shape,
+                           "path": model_dir}, log_dir, f"{mode}-save-model")
+        yield model_dir, saved["params"]
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
 def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
     m = s["memory"]
-    model_dir = tempfile.mkdtemp(prefix="apo-peers-qwen2-")
-    try:
-        saved = run_child({"method": "save_model", "mode": "memory", "threads": base["threads"], "shape": m["shape"],
-                           "path": model_dir}, log_dir, "memory-save-model")
-        out = {"model": {"params": saved["params"], "shape": m["shape"]}}
+    with random_model(m["shape"], "memory", base, log_dir) as (model_dir, params):
+        out = {"model": {"params": params, "shape": m["shape"]}}
         for method in methods:
             # the training prompts are exactly those of the measured steps (stage 1 samples each N times)
             spec = {**base, "model": model_dir, "method": method, "mode": "memory", "seed": 0, "score": False,
@@ -116,27 +126,20 @@ def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
             r = run_child(spec, log_dir, f"memory-{method}")
             out[method] = {k: r[k] for k in ("peak_rss_mb", "peak_rss_tree_mb", "wall_s", "steps", "phases", "memory_plan")
                            if k in r}
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)
     return out
 
 
 def measure_gpu(methods, size: str, base: dict, log_dir: Path) -> dict:
     """Stage-2 step time and peak accelerator memory, apo vs TRL GRPO, on a random Qwen2 (bench/gpu.sh)."""
     g = GPU_SIZES[size]
-    model_dir = tempfile.mkdtemp(prefix="apo-peers-gpu-model-")
-    try:
-        saved = run_child({"method": "save_model", "mode": "gpu", "threads": base["threads"], "shape": g["shape"],
-                           "path": model_dir}, log_dir, "gpu-save-model")
-        out = {"model": {"params": saved["params"], "shape": g["shape"]}, "size": size,
+    with random_model(g["shape"], "gpu", base, log_dir) as (model_dir, params):
+        out = {"model": {"params": params, "shape": g["shape"]}, "size": size,
                **{k: g[k] for k in ("prompts_per_step", "max_new_tokens", "warmup", "steps")}}
         for method in [m for m in methods if m in ("apo", "trl_grpo")]:
             spec = {**base, **{k: g[k] for k in ("prompts_per_step", "max_new_tokens", "warmup", "steps")},
                     "model": model_dir, "method": method, "mode": "gpu", "seed": 0}
             r = run_child(spec, log_dir, f"gpu-{method}")
             out[method] = {k: r[k] for k in ("step_s", "steps_timed", "peak_gpu_mb", "peak_rss_mb", "peak_rss_tree_mb", "engine", "device")}
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)
     return out
 
 
