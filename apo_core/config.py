@@ -21,7 +21,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
-ENGINE_NAMES = ("transformers", "vllm")  # apo_core.engines.ENGINES implements each
+ENGINE_NAMES = ("vllm", "transformers")  # apo_core.engines.ENGINES implements each
 ENGINE_ALIASES = {"hf": "transformers"}
 
 

@@ -453,5 +453,5 @@ def make_engine(name: str, model, tokenizer, **kwargs) -> GenerationEngine:
     try:
         factory = ENGINES[engine_name(name)]
     except KeyError:
-        raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(ENGINES)}") from None
+        raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(sorted(ENGINES))}") from None
     return factory(model, tokenizer, **kwargs)
