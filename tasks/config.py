@@ -57,7 +57,7 @@ class RegistryConfig(Section):
 def _deployment_name(value: str) -> str:
     flow_name, sep, name = value.partition("/")
     if not sep or not flow_name or not name or "/" in name:
-        raise ValueError(f"deployment {value!r} must look like FLOW/DEPLOYMENT, e.g. apo-preprocess/apo-cpu")
+        raise ValueError(f"deployment {value!r} must look like <flow name>/<deployment name>, e.g. apo-preprocess/apo-cpu")
     return value
 
 
