@@ -38,7 +38,7 @@ class DataConfig(Section):
     name: Literal[DATA_SETS] = "embedded"  # type: ignore[valid-type]
     """Prompt set: `embedded` (synthetic arithmetic shipped with apo), a built-in (gsm8k, math, math500, amc23, aime24: hub, or the paths below), or `custom` (paths below)."""
     train_path: str | None = None
-    """Training rows as JSONL or Parquet at any local or fsspec path; None: the built-in's hub file."""
+    """Training rows as JSONL or Parquet at any local or fsspec path, or a folder or glob of such parts (read in name order, so new parts add rows); None: the built-in's hub file."""
     test_path: str | None = None
     """Held-out rows as JSONL or Parquet at any local or fsspec path; None: the built-in's hub file."""
     prompt_field: str | None = None
@@ -48,13 +48,13 @@ class DataConfig(Section):
     answer_from: Literal["field", "gsm8k_solution", "boxed"] | None = None
     """How to read the gold: the field as is, the text after GSM8K's `#### `, or MATH's last \\boxed{}."""
     id_field: str | None = None
-    """Column with a stable row id; None: the built-in's, else the row index."""
+    """Column with a stable row id; None: the built-in's, else a digest of the question (a row keeps its id as the data grows)."""
     template: str = "auto"
     """Prompt template: `auto` (the paper's for the data set), `gsm8k`, `math`, `raw`, `chat` (the model's chat template), or a string containing {question}."""
     max_prompt_tokens: int = Field(1024, ge=1)
     """Prompts longer than this (model tokens) are skipped and counted."""
-    train_size: int = Field(1024, ge=1)
-    """Training prompts (the embedded task generates this many; file/hub data uses at most this many rows)."""
+    train_size: int | None = Field(1024, ge=1)
+    """Training prompts (the embedded task generates this many; file/hub data uses at most this many rows); None: every usable row of the files (not for `embedded`)."""
     test_size: int = Field(500, ge=1)
     """Held-out prompts for evaluation, never seen in training (at most this many rows for file/hub data)."""
     seed: int = 0
@@ -64,6 +64,8 @@ class DataConfig(Section):
     def _template_ok(self) -> "DataConfig":
         if self.template not in TEMPLATE_SETTINGS and "{question}" not in self.template:
             raise ValueError(f"template {self.template!r} must be {', '.join(TEMPLATE_SETTINGS)} or contain {{question}}")
+        if self.name == "embedded" and self.train_size is None:
+            raise ValueError("train_size None (every row) needs data files; the embedded task generates train_size prompts")
         if self.name == "custom" and not self.train_path:
             raise ValueError("name 'custom' needs train_path (and test_path) to JSONL or Parquet files")
         return self
@@ -117,11 +119,11 @@ class ReferenceConfig(Section):
     max_new_tokens: int = Field(96, ge=1)
     """Longest reference response (paper: 1024)."""
     seed: int = 1234
-    """Base seed; shard s draws its sample i with seed + s * n_samples + i."""
+    """Base seed: sample i of a prompt is drawn with a seed derived from (this seed, the rendered prompt, i), whichever shard, batch or run draws it."""
     shard_size: int = Field(512, ge=1)
-    """Prompts per stage-1 shard: each shard is one engine pass and one Parquet part, and a rerun redoes only missing shards."""
+    """Prompts per stage-1 shard of the samples still to draw: each shard is one engine pass and one entry of the reference-sample store, so a rerun redoes only unpublished shards."""
     shards: int = Field(2, ge=1)
-    """`execution: work-pool`: stage-1 flow runs the shards are spread over (at most one per shard; each takes a contiguous range of shards and writes the same parts as a local run). How many run at once is the concurrency limit of the shard deployment in prefect.yaml. Not part of the samples' fingerprint: the samples do not depend on it."""
+    """`execution: work-pool`: stage-1 flow runs the shards are spread over (at most one per shard; each takes a contiguous range of shards and publishes to the same store as a local run). How many run at once is the concurrency limit of the shard deployment in prefect.yaml. Not part of the samples' fingerprint: the samples do not depend on it."""
 
 
 class VstarConfig(Section):

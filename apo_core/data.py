@@ -8,6 +8,7 @@ and counted per reason, never silently dropped.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -27,6 +28,25 @@ class PromptRecord:
 
     def to_row(self) -> dict:
         return asdict(self)
+
+
+def data_version(records: Iterable[PromptRecord]) -> str:
+    """The digest of a prompt set as used (ids, rendered prompts, gold answers, splits, in order):
+    equal digests mean the same prompts; every record of a run's data version goes through here.
+
+    >>> data_version([PromptRecord("a", "1+1=?", "2", "train")])[:12]
+    '0f1f89bff366'
+    """
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update("\x1f".join((r.prompt_id, r.prompt, r.answer, r.split)).encode() + b"\x1e")
+    return digest.hexdigest()
+
+
+def content_id(text: str) -> str:
+    """A row's id from its question when the data has no id field: 12 hex digits of its sha256,
+    so a row keeps its id when rows are added or reordered."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -139,10 +159,11 @@ def clean_rows(
     limit: int | None = None,
 ) -> Cleaned:
     """Records from raw rows; a bad row is skipped and counted under one reason:
-    missing_prompt, missing_answer, wrong_type, duplicate_id, too_long."""
+    missing_prompt, missing_answer, wrong_type, duplicate_id (the same id, or without an id
+    field the same question, seen before), too_long."""
     out = Cleaned()
     seen: set[str] = set()
-    for index, row in enumerate(rows):
+    for row in rows:
         if limit is not None and len(out.records) >= limit:
             break
         question = row.get(prompt_field)
@@ -161,7 +182,7 @@ def clean_rows(
             out.skipped["missing_answer"] += 1
             continue
         raw_id = row.get(id_field) if id_field else None
-        prompt_id = f"{name}-{split}-{raw_id if raw_id is not None else f'{index:06d}'}"
+        prompt_id = f"{name}-{split}-{raw_id if raw_id is not None else content_id(question.strip())}"
         if prompt_id in seen:
             out.skipped["duplicate_id"] += 1
             continue

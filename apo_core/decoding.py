@@ -20,14 +20,17 @@ from torch import Tensor
 
 from .distributed import everywhere, partitioned
 from .modeling import accepts_logits_to_keep, causal_lm, left_pad_positions
+from .seeds import uniform_stream
 
 KV_DECODER_MODEL_TYPES = ("qwen2", "llama")
 
 
-def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, consume: bool = False) -> Tensor:
+def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, consume: bool = False, u: Tensor | None = None) -> Tensor:
     """One token per row from the last position's logits: (B, V) -> (B,). temperature 0 is
     greedy; top_p < 1 samples from the smallest set of tokens whose probability reaches top_p.
-    `consume`: `logits` (float32) may be overwritten, so no new (B, V) block is made."""
+    `consume`: `logits` (float32) may be overwritten, so no new (B, V) block is made. `u`: the
+    rows' uniforms in [0, 1) (B,), e.g. from seeds.uniform_stream; None draws them from torch's
+    global generator."""
     if temperature <= 0:
         return logits.argmax(-1)
     # At most one new (B, V) block, worked on in place: at a 151,936-token vocabulary one is 150 MB
@@ -42,7 +45,8 @@ def next_tokens(logits: Tensor, temperature: float, top_p: float = 1.0, consume:
         weights = probs.scatter(-1, index, sorted_probs.masked_fill(outside, 0.0))
     # inverse-CDF draw, one uniform per row (torch.multinomial takes ~15x longer on CPU at 512 x 264)
     cdf = weights.cumsum_(-1)
-    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand((cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device) if u is None else u.to(cdf.dtype).clamp(max=1 - 2**-24)[:, None]
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -57,6 +61,7 @@ def decode(
     temperature: float,
     top_p: float = 1.0,
     kv_decoder: bool = True,
+    row_seeds: Sequence[int] | None = None,
 ) -> Tensor:
     """Sample up to max_new_tokens per row of a left-padded batch. input_ids, attention_mask:
     (B, P) -> new tokens (B, T <= max_new_tokens), `pad_token_id` after a row's stop token (any of
@@ -68,6 +73,10 @@ def decode(
     active rows have finished since the last drop. Tokens are still drawn for all B rows,
     finished ones from placeholder logits and then discarded, so the random stream, and every
     token, is the same as without dropping.
+
+    `row_seeds` (one per row): row r draws token t with uniform t of its own stream
+    (seeds.uniform_stream), so its tokens do not depend on the other rows; None: torch's
+    global generator.
 
     Under ZeRO-3 every forward is a collective: ranks stop together, when every rank's rows have
     finished (a rank whose rows are done keeps stepping them, discarding the tokens)."""
@@ -81,12 +90,18 @@ def decode(
     stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     rows = torch.arange(B, device=device)  # the batch rows the forward still computes
     step_ids, mask = input_ids, attention_mask
+    uniforms = None
+    if row_seeds is not None and temperature > 0:
+        if len(row_seeds) != B:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {B} rows")
+        uniforms = torch.from_numpy(uniform_stream(row_seeds, max_new_tokens)).to(device)
     t = 0
     for t in range(max_new_tokens):
         logits = step(step_ids, positions, mask)
         if len(rows) < B:  # finished rows: uniform placeholders, drawn from and discarded
             logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, rows, logits)
-        token = next_tokens(logits, temperature, top_p, consume=True).masked_fill(finished, pad_token_id)
+        u = None if uniforms is None else uniforms[:, t]
+        token = next_tokens(logits, temperature, top_p, consume=True, u=u).masked_fill(finished, pad_token_id)
         out[:, t] = token
         finished |= torch.isin(token, stops)
         done = bool(finished.all())  # a device sync per token, as generate's stopping check

@@ -52,8 +52,11 @@ class GenerationEngine(Protocol):
         top_p: float = 1.0,
         max_new_tokens: int,
         seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt, in order. temperature 0 means greedy."""
+        """One completion per prompt, in order. temperature 0 means greedy. Seeds (see
+        `row_seeds`): prompt k draws from its own stream, `seeds[k]` or else derived_seed(seed, k),
+        so a completion does not depend on the other prompts of the call."""
         ...
 
     def generate_n(
@@ -66,8 +69,8 @@ class GenerationEngine(Protocol):
         max_new_tokens: int,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        """N completions per prompt ([prompt][sample]) in one engine pass; each engine's
-        docstring says how `seed` maps to the samples."""
+        """N completions per prompt ([prompt][sample]) in one engine pass; sample j of prompt k
+        is what `generate(prompts, seed=seed + j)` gives prompt k."""
         ...
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -95,6 +98,29 @@ def resolve_stop_ids(model, tokenizer, override: Sequence[int] | None = None) ->
         raise ValueError("no stop token: the model's generation config and its tokenizer name no eos token; "
                          "set generation.stop_token_ids")
     return ids
+
+
+def row_seeds(n_rows: int, seed: int | None, seeds: Sequence[int] | None) -> list[int] | None:
+    """The seed of each row of a generate call: `seeds` as given, else row k's
+    derived_seed(seed, k); None when neither is set (unseeded).
+
+    >>> row_seeds(2, 7, None), row_seeds(2, None, [4, 5]), row_seeds(2, None, None)
+    ([7000021, 7000022], [4, 5], None)
+    """
+    if seeds is not None:
+        if len(seeds) != n_rows:
+            raise ValueError(f"{len(seeds)} seeds for {n_rows} prompts")
+        return [int(x) for x in seeds]
+    return None if seed is None else [derived_seed(seed, k) for k in range(n_rows)]
+
+
+def repeat_n(prompts: Sequence[str], n: int, seed: int | None) -> tuple[list[str], list[int] | None]:
+    """generate_n as one generate call: the prompts repeated N times (prompt-major: row k*N + j is
+    sample j of prompt k) and each row's seed, that of prompt k in generate(seed=seed + j)."""
+    flat = [p for p in prompts for _ in range(n)]
+    if seed is None:
+        return flat, None
+    return flat, [derived_seed(seed + j, k) for k in range(len(prompts)) for j in range(n)]
 
 
 class _PromptTokens:
@@ -158,8 +184,9 @@ class TransformersEngine(_PromptTokens):
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None):
+    def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None, seeds=None):
         ids = self.prompt_token_ids(prompts)
+        per_row = row_seeds(len(prompts), seed, seeds)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         results: list[Completion | None] = [None] * len(prompts)
         pad = self.tokenizer.pad_token_id
@@ -167,11 +194,8 @@ class TransformersEngine(_PromptTokens):
         was_training = self.model.training
         self.model.eval()
         try:
-            for chunk_idx, start in enumerate(range(0, len(order), self.batch_size)):
+            for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                if seed is not None:
-                    # Reproducible per (seed, chunk): sampling draws from the global generator.
-                    torch.manual_seed(derived_seed(seed, chunk_idx))
                 width = max(len(ids[i]) for i in rows)
                 input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
                 attention = torch.zeros_like(input_ids)
@@ -180,7 +204,8 @@ class TransformersEngine(_PromptTokens):
                     attention[j, width - len(ids[i]) :] = 1
                 with self._autocast():
                     out = decode(self.model, input_ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=self.stop_ids, pad_token_id=pad, temperature=temperature, top_p=top_p)
+                                 eos_token_id=self.stop_ids, pad_token_id=pad, temperature=temperature, top_p=top_p,
+                                 row_seeds=None if per_row is None else [per_row[i] for i in rows])
                 new_tokens = out.tolist()  # one device sync per chunk
                 for j, i in enumerate(rows):
                     results[i] = self._completion(new_tokens[j])
@@ -190,13 +215,9 @@ class TransformersEngine(_PromptTokens):
 
     def generate_n(self, prompts, n, *, temperature, top_p=1.0, max_new_tokens, seed=None):
         """N completions per prompt from ONE batched `generate` over the prompts repeated N
-        times (prompt-major: row k*N + j is sample j of prompt k).
-
-        Seeds: the whole call draws from `seed` (per chunk of `batch_size` rows, as `generate`),
-        so it is reproducible for the same (prompts, n, seed, batch_size) but does not equal N
-        separate `generate(seed=seed + j)` calls (VLLMEngine's samples do)."""
-        flat = self.generate([p for p in prompts for _ in range(n)], temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens, seed=seed)
+        times (`repeat_n`): sample j of prompt k equals prompt k of generate(seed=seed + j)."""
+        rows, seeds = repeat_n(prompts, n, seed)
+        flat = self.generate(rows, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seeds=seeds)
         return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
 
 
@@ -307,11 +328,6 @@ def _shutdown(live: _LiveLLM) -> None:
     shutil.rmtree(live.config_dir, ignore_errors=True)
 
 
-def _request_seed(seed: int, prompt_index: int) -> int:
-    """Seed of one request: sample `seed` of prompt `prompt_index` (vLLM seeds each request)."""
-    return derived_seed(seed, prompt_index)
-
-
 class VLLMEngine(_PromptTokens):
     """vLLM serving the torch `model`'s current weights, in this process.
 
@@ -321,8 +337,9 @@ class VLLMEngine(_PromptTokens):
     VLLMEngine samples from its own model; a model changed in place (optimizer steps) needs
     `update_weights`. Settings other than the key (memory, sleep mode) are the first engine's.
 
-    Sampling with a seed gives every request its own generator, so a completion does not depend
-    on what else is in the batch: prompt k of `generate(seed=s)` draws from seed (s, k).
+    Sampling with a seed gives every request its own generator (vLLM's per-request seed), so a
+    completion does not depend on what else is in the batch: prompt k draws from its `row_seeds`
+    seed. (Both engines seed rows alike; their tokens differ, as their random streams do.)
     """
 
     name = "vllm"
@@ -383,22 +400,22 @@ class VLLMEngine(_PromptTokens):
             self._live.asleep = {"weights", "kv_cache"}
 
     # -- sampling -----------------------------------------------------------------------------
-    def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None, logprobs: bool = False):
+    def generate(self, prompts, *, temperature, top_p=1.0, max_new_tokens, seed=None, seeds=None, logprobs: bool = False):
         """One completion per prompt; `logprobs` also returns log pi of each sampled token."""
-        return [c[0] for c in self._sample(prompts, 1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                           seed=seed, logprobs=logprobs)]
+        return self._sample(prompts, row_seeds(len(prompts), seed, seeds), temperature=temperature, top_p=top_p,
+                            max_new_tokens=max_new_tokens, logprobs=logprobs)
 
     def generate_n(self, prompts, n, *, temperature, top_p=1.0, max_new_tokens, seed=None, logprobs: bool = False):
         """N completions per prompt in one engine pass ([prompt][sample], prompts' KV shared
         through the prefix cache).
 
-        Seeds: sample j of prompt k draws from seed (seed + j, k), exactly what
-        `generate(prompts, seed=seed + j)` gives prompt k, so generate_n(..., seed=s) equals the
-        N calls generate(seed=s), ..., generate(seed=s + N - 1) sample for sample."""
-        return self._sample(prompts, n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                            seed=seed, logprobs=logprobs)
+        Seeds (`repeat_n`): sample j of prompt k is prompt k of generate(prompts, seed=seed + j), so
+        generate_n(..., seed=s) equals the N calls generate(seed=s), ..., generate(seed=s + N - 1)."""
+        rows, seeds = repeat_n(prompts, n, seed)
+        flat = self._sample(rows, seeds, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, logprobs=logprobs)
+        return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
 
-    def _sample(self, prompts, n, *, temperature, top_p, max_new_tokens, seed, logprobs) -> list[list[Completion]]:
+    def _sample(self, prompts, seeds, *, temperature, top_p, max_new_tokens, logprobs) -> list[Completion]:
         from vllm import SamplingParams
 
         if self._live.owner != id(self):  # another VLLMEngine loaded its model since
@@ -409,18 +426,14 @@ class VLLMEngine(_PromptTokens):
             stop_token_ids=self.stop_ids, detokenize=False, logprobs=0 if logprobs else None,
             ignore_eos=True,  # stop at stop_ids only, never at the config's eos (apo passes every stop id itself)
         )
-        requests, params = [], []
-        for k, ids in enumerate(self.prompt_token_ids(prompts)):
-            for j in range(n):
-                requests.append({"prompt_token_ids": ids})
-                request_seed = None if seed is None or temperature == 0 else _request_seed(seed + j, k)
-                params.append(SamplingParams(seed=request_seed, **common))
+        # One request per row, each with its own seed; repeated prompts share their KV through the prefix cache.
+        requests = [{"prompt_token_ids": ids} for ids in self.prompt_token_ids(prompts)]
+        params = [SamplingParams(seed=None if seeds is None or temperature == 0 else seeds[k], **common) for k in range(len(prompts))]
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         finally:
             self._sleep()
-        flat = [self._vllm_completion(out.outputs[0], logprobs) for out in outputs]
-        return [flat[k * n : (k + 1) * n] for k in range(len(prompts))]
+        return [self._vllm_completion(out.outputs[0], logprobs) for out in outputs]
 
     def _vllm_completion(self, out, logprobs: bool) -> Completion:
         if out.finish_reason not in ("stop", "length"):

@@ -89,6 +89,27 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+# What each verifier scores is versioned: stored reference samples carry the version they were
+# scored under, so a verifier that could score differently must not reuse them. Bump a version
+# whenever its verifier's code changes (tests/test_rewards_version.py fails until you do).
+REWARD_VERSIONS: dict[str, int] = {"gsm8k": 1, "math": 1, "embedded": 1}
+
+
+def reward_version(name: str) -> str:
+    """The version a reward's scores are stored under: its own, and for `math` math-verify's.
+
+    >>> reward_version("gsm8k")
+    'gsm8k-v1'
+    """
+    get_reward(name)  # an unknown name lists the valid ones
+    version = f"{name}-v{REWARD_VERSIONS[name]}"
+    if name == "math":
+        from importlib.metadata import version as installed
+
+        version += f"+math-verify-{installed('math-verify')}"
+    return version
+
+
 def get_reward(name: str) -> RewardFn:
     """The reward function registered under ``name``; an unknown name lists the valid ones."""
     try:

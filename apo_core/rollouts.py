@@ -13,6 +13,7 @@ from .data import PromptRecord
 from .engines import GenerationEngine
 from .objectives import vstar
 from .rewards import RewardFn
+from .seeds import keyed_seed
 
 
 @dataclass(frozen=True)
@@ -39,23 +40,25 @@ def sample_reference(
     top_p: float,
     max_new_tokens: int,
     seed: int,
+    indices: Sequence[Sequence[int]] | None = None,
 ) -> list[dict]:
-    """N scored samples per prompt, drawn in ONE engine pass (`generate_n`); the `seed` column
-    of sample i is seed + i (vLLM: that sample's own seed; transformers: the pass draws from
-    `seed` as a whole, see TransformersEngine.generate_n).
+    """Scored reference samples, drawn in ONE engine call: samples 0..N-1 of every record, or
+    `indices[k]` of record k (what a reference-sample store lacks). Sample i of a prompt is drawn
+    with `keyed_seed(seed, prompt, i)` (the `seed` column), on either engine, so it is the same
+    sample whichever shard, batch or run draws it.
 
     Rows: prompt_id, sample_idx, seed, response, reward, n_tokens, finish_reason.
     """
-    per_prompt = engine.generate_n([r.prompt for r in records], n_samples, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, seed=seed)
-    flat = [(rec, i, comp) for rec, comps in zip(records, per_prompt) for i, comp in enumerate(comps)]
-    rewards = reward_fn([comp.text for _, _, comp in flat], [rec.answer for rec, _, _ in flat])
-    rows = [
-        dict(prompt_id=rec.prompt_id, sample_idx=i, seed=seed + i, response=comp.text, reward=float(reward),
+    wanted = [range(n_samples)] * len(records) if indices is None else indices
+    items = [(rec, i, keyed_seed(seed, rec.prompt, i)) for rec, idx in zip(records, wanted) for i in idx]
+    completions = engine.generate([rec.prompt for rec, _, _ in items], temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, seeds=[s for _, _, s in items])
+    rewards = reward_fn([comp.text for comp in completions], [rec.answer for rec, _, _ in items])
+    return [
+        dict(prompt_id=rec.prompt_id, sample_idx=i, seed=s, response=comp.text, reward=float(reward),
              n_tokens=len(comp.token_ids), finish_reason=comp.finish_reason)
-        for (rec, i, comp), reward in zip(flat, rewards)
+        for (rec, i, s), comp, reward in zip(items, completions, rewards)
     ]
-    return rows
 
 
 def aggregate_vstar(prompt_ids: Sequence[str], rewards: Sequence[float], beta1: float) -> list[dict]:

@@ -104,6 +104,10 @@ def _summary_table(summary: dict) -> str:
         lines.append(f"  {stage:<18}{summary['stage_status'][stage]:<10}{seconds:>9.1f}{summary['stage_peak_rss_mb'][stage]:>13.0f}")
     if any(status == "skipped" for status in summary["stage_status"].values()):
         lines.append("  (a skipped stage shows the time and memory of the run that computed it)")
+    metrics = summary.get("metrics", {})
+    if "reference/sampled" in metrics:
+        lines.append(f"  reference samples: {int(metrics['reference/reused'])} reused from the store, "
+                     f"{int(metrics['reference/sampled'])} sampled (stage 1: {summary['stage_seconds'].get('sample_reference', 0):.1f}s)")
     lines += [
         "",
         f"  recomputed: {', '.join(summary['stages_recomputed']) or 'nothing (every stage was complete)'}",
@@ -134,10 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", help="output folder or URI (default ./.apo/eval/<benchmark>-<model>)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="other config keys, e.g. eval.max_new_tokens=1024 (repeatable)")
+    st = sub.add_parser("store", help="show the reference-sample store (size, models, prompts); --prune removes unused models")
+    st.add_argument("--config", help="YAML config file naming the store (reference.store, else artifact_root)")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key, e.g. --set reference.store=s3://bucket/apo-reference (repeatable)")
+    st.add_argument("--prune", action="store_true", help="remove models not used for --unused-days (never one a run is reading)")
+    st.add_argument("--unused-days", type=float, default=30.0, help="with --prune: a model unused this long goes (default 30)")
+    st.add_argument("--model", dest="models", action="append", default=[], metavar="DIGEST",
+                    help="with --prune: remove this model (a digest prefix as `apo store` lists it) whatever its age (repeatable)")
+    st.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
     args = parser.parse_args(argv)
 
     if args.command == "evaluate":
         return _evaluate(args)  # no flow: Prefect's API is not needed
+    if args.command == "store":
+        return _store(args)
 
     from tasks.config import ConfigError, load_config
 
@@ -176,6 +191,34 @@ def _run(cfg, local_api: LocalPrefectAPI) -> int:
         print(f"apo: stopped: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     print(_summary_table(summary))
+    return 0
+
+
+def _store(args) -> int:
+    from tasks.config import ConfigError, load_config
+    from tasks import reference_store
+    from tasks.storage import redact
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"apo: {exc}", file=sys.stderr)
+        return 2
+    root = cfg.reference.store_uri(cfg.artifact_root)
+    if args.prune:
+        removed = reference_store.prune(root, args.unused_days, args.models, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print("\n".join(f"{verb} {redact(uri)}" for uri in removed) or "nothing to prune")
+        return 0
+    models = reference_store.describe(root)
+    print(f"reference-sample store {redact(root)}: {len(models)} model(s), "
+          f"{sum(m['samples'] for m in models)} samples, {sum(m['bytes'] for m in models) / 2**20:.1f} MiB")
+    if models:
+        print(f"  {'model':<18}{'prompts':>9}{'samples':>10}{'MiB':>8}  {'last used':<26}path")
+    for m in models:
+        busy = "  (a run is reading it)" if m["readers"] else ""
+        print(f"  {m['model']:<18}{m['prompts']:>9}{m['samples']:>10}{m['bytes'] / 2**20:>8.1f}  {m['last_used'] or '-':<26}"
+              f"{m['model_path'] or '-'}{busy}")
     return 0
 
 

@@ -91,6 +91,14 @@ class OrchestrationConfig(Section):
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+class ReferenceSettings(ReferenceConfig):
+    store: str | None = None
+    """Reference-sample store shared by every run (any fsspec URI): samples are kept under a digest of the model, tokenizer, dtype, engine, prompt, gold answer, verifier version, sampling settings and seed, and stage 1 draws only those no earlier run drew. None: the `_reference` folder of `artifact_root`."""
+
+    def store_uri(self, artifact_root: str) -> str:
+        return self.store or artifact_root.rstrip("/") + "/_reference"
+
+
 class ApoConfig(Section):
     """A whole A*-PO pipeline run."""
 
@@ -104,7 +112,7 @@ class ApoConfig(Section):
     """Reference model, which is also the policy's starting point."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     """Generation engine of every stage that samples."""
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
     """Stage 1: N reference samples per training prompt."""
     vstar: VstarConfig = Field(default_factory=VstarConfig)
     """V* per prompt from the reference rewards, and the all-zero filter."""

@@ -1,4 +1,5 @@
-"""Reading raw data set rows from any fsspec path (JSONL, JSON, Parquet) or the HF hub."""
+"""Reading raw data set rows from any fsspec path (JSONL, JSON, Parquet; one file, or a folder or
+glob of parts) or the HF hub."""
 
 from __future__ import annotations
 
@@ -17,6 +18,29 @@ def hub_uri(spec: DatasetSpec, split: str, name: str) -> str:
     if split not in spec.files:
         raise ValueError(f"data set {name!r} has no {split!r} split on the hub; set data.{split}_path to a JSONL or Parquet file")
     return f"hf://datasets/{spec.hub_id}@{spec.hub_revision}/{spec.files[split]}"
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def data_files(uri: str) -> list[str]:
+    """The files a data path names: itself, or a folder's (recursively) or a glob's JSONL/JSON/
+    Parquet files in name order, so parts added later (part-00002.jsonl) append rows."""
+    if not any(c in uri for c in "*?[") and not _is_dir(uri):
+        return [uri]
+    fs, path = storage.fs_path(uri)
+    found = storage.with_retries("list", uri, lambda: fs.glob(path) if any(c in uri for c in "*?[") else fs.find(path))
+    scheme = "" if storage.is_local(uri) else uri.split("://", 1)[0] + "://"
+    files = sorted(scheme + f if scheme and not f.startswith(scheme) else f for f in found
+                   if f.lower().endswith(DATA_SUFFIXES) and not f.rsplit("/", 1)[-1].startswith("."))
+    if not files:
+        raise FileNotFoundError(f"data file not found: no JSONL, JSON or Parquet file under {uri}")
+    return files
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = storage.fs_path(uri)
+    return storage.with_retries("stat", uri, lambda: fs.isdir(path))
 
 
 def read_rows(uri: str) -> list[dict]:
@@ -56,8 +80,9 @@ def load_split(name: str, spec: DatasetSpec, split: str, path: str | None, limit
         return chat_prompt(tokenizer, render_prompt(question, paper))
 
     uri = path or hub_uri(spec, split, name)
+    rows = [row for part in (data_files(path) if path else [uri]) for row in read_rows(part)]
     cleaned = clean_rows(
-        read_rows(uri), split=split, name=name, prompt_field=spec.prompt_field, answer_field=spec.answer_field,
+        rows, split=split, name=name, prompt_field=spec.prompt_field, answer_field=spec.answer_field,
         answer_from=spec.answer_from, template=spec.template, id_field=spec.id_field,
         max_prompt_tokens=max_prompt_tokens, count_tokens=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]),
         chat_template=chat if spec.template == "chat" else None, limit=limit,

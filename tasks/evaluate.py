@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from .config import ApoConfig
-from apo_core.data import PromptRecord, reward_of
+from apo_core.data import PromptRecord, data_version, reward_of
 from apo_core.modeling import load_tokenizer
 from apo_core.rewards import get_reward, reward_stats
 from apo_core.rollouts import evaluate as evaluate_model
@@ -69,9 +69,12 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
         metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         storage.write_parquet(results, io.path("results.parquet"))
         storage.write_json(metrics, io.path("accuracy.json"))
+        # which prompts each score is over: a champion is compared only on the same set
+        storage.write_json({name: data_version(records) for name, (records, _) in sets.items()}, io.path("eval_sets.json"))
         io.log_metrics(metrics)
         io.tracker.log_table(io.mlflow_run_id, results.head(200).to_dicts(), "eval_results.json")
-        return metrics, {"results": io.path("results.parquet"), "accuracy": io.path("accuracy.json")}
+        return metrics, {"results": io.path("results.parquet"), "accuracy": io.path("accuracy.json"),
+                         "eval_sets": io.path("eval_sets.json")}
 
     fp = fingerprint(cfg.eval.model_dump(), cfg.reward_name, trained.fingerprint, prep.fingerprint)
     return run_stage(ctx, "evaluate", fp, body)

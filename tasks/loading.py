@@ -11,7 +11,7 @@ import torch
 from .config import ApoConfig
 from apo_core.data import PromptRecord
 from apo_core.engines import make_engine, resolve_engine_name
-from apo_core.modeling import load_model_and_tokenizer
+from apo_core.modeling import load_model_and_tokenizer, resolve_model_path
 
 from . import storage
 from .stage import StageResult
@@ -34,6 +34,17 @@ def load_model(cfg: ApoConfig, path: str | None = None):
     if "://" in path and not path.startswith("file://"):
         path = str(storage.localize_dir(path))
     return load_model_and_tokenizer(path, cfg.model.dtype, cfg.model.device)
+
+
+def model_files(path: str) -> str:
+    """Where the files of model `path` are, for digests: a URI or a local folder as is (built-in
+    names resolved), a hub id as its snapshot in the Hugging Face cache (what loading fetches anyway)."""
+    resolved = path if "://" in path else resolve_model_path(path)
+    if "://" in resolved or Path(resolved).exists():
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(resolved)
 
 
 # Which engine `auto` takes per stage on CPU: written by bench/engines.py (`--record-choice`)

@@ -166,23 +166,34 @@ def check_model_tokens(cfg: ApoConfig) -> None:
 
 
 def check_data_file(uri: str, setting: str) -> None:
-    """The file exists and, when Parquet, is whole (PAR1 at both ends)."""
-    if not storage.exists(uri):
-        _fail(f"{setting} {storage.redact(uri)}: no such file")
-    fs, path = storage.fs_path(uri)
-    if fs.isdir(path):
-        _fail(f"{setting} {storage.redact(uri)} is a folder; give a JSONL or Parquet file")
-    if uri.lower().rsplit("?", 1)[0].endswith(".parquet"):
-        def ends() -> tuple[int, bytes, bytes]:
-            size = int(fs.size(path))
-            with fs.open(path, "rb") as f:
-                head = f.read(4)
-                f.seek(max(0, size - 4))
-                return size, head, f.read(4)
+    """The file, or every part of a folder or glob of parts, exists and, when Parquet, is whole
+    (PAR1 at both ends); a folder or glob names at least one part."""
+    from .datasets import data_files
 
-        size, head, tail = storage.with_retries("read", uri, ends)
-        if size < 12 or head != b"PAR1" or tail != b"PAR1":
-            _fail(f"{setting} {storage.redact(uri)}: not a whole Parquet file ({size} bytes; truncated?)")
+    if not any(c in uri for c in "*?[") and not storage.exists(uri):
+        _fail(f"{setting} {storage.redact(uri)}: no such file")
+    try:
+        parts = data_files(uri)
+    except FileNotFoundError:
+        _fail(f"{setting} {storage.redact(uri)}: a folder or glob that holds no JSONL, JSON or Parquet file")
+    for part in parts:
+        if part.lower().rsplit("?", 1)[0].endswith(".parquet"):
+            check_parquet_ends(part, setting)
+
+
+def check_parquet_ends(uri: str, setting: str) -> None:
+    fs, path = storage.fs_path(uri)
+
+    def ends() -> tuple[int, bytes, bytes]:
+        size = int(fs.size(path))
+        with fs.open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 4))
+            return size, head, f.read(4)
+
+    size, head, tail = storage.with_retries("read", uri, ends)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        _fail(f"{setting} {storage.redact(uri)}: not a whole Parquet file ({size} bytes; truncated?)")
 
 
 def check_data(cfg: ApoConfig) -> None:

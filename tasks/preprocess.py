@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from .config import ApoConfig
-from apo_core.data import TEMPLATES, PromptRecord, chat_prompt, embedded_prompt_set, spec_for
+from apo_core.data import TEMPLATES, PromptRecord, chat_prompt, data_version, embedded_prompt_set, spec_for
 from apo_core.modeling import load_tokenizer
 
 from . import storage
@@ -45,6 +45,11 @@ def load_records(cfg: ApoConfig) -> tuple[list[PromptRecord], dict[str, int], di
     return records, skipped, provenance
 
 
+def data_versions(records: list[PromptRecord]) -> dict[str, str]:
+    """The run's data version (apo_core.data.data_version): of all its prompts, and per split."""
+    return {"all": data_version(records), **{s: data_version(r for r in records if r.split == s) for s in ("train", "test")}}
+
+
 def prompt_token_stats(records: list[PromptRecord], tokenizer) -> dict[str, dict[str, float]]:
     """Rendered prompts' lengths in the model's tokens per split: mean, median, max."""
     out = {}
@@ -64,7 +69,10 @@ def preprocess(ctx: RunContext) -> StageResult:
         df = pl.DataFrame([r.to_row() for r in records], schema={"prompt_id": pl.String, "prompt": pl.String, "answer": pl.String, "split": pl.String})
         overlap = set(df.filter(pl.col("split") == "train")["prompt"]) & set(df.filter(pl.col("split") == "test")["prompt"])
         storage.write_parquet(df, io.path("prompts.parquet"))
+        versions = data_versions(records)
+        provenance = {**provenance, "data_version": versions}
         storage.write_json({"skipped": skipped, **provenance, "train_test_prompt_overlap": len(overlap)}, io.path("provenance.json"))
+        io.tracker.set_tags(io.mlflow_run_id, {f"apo.data_version.{k}": v for k, v in versions.items()})
         metrics = {f"data/{s}": float(n) for s, n in df.group_by("split").len().iter_rows()}
         metrics.update({f"data/skipped/{k}": float(v) for k, v in skipped.items()})
         metrics["data/train_test_overlap"] = float(len(overlap))

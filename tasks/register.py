@@ -1,8 +1,10 @@
 """After evaluate: register the trained model in the MLflow model registry and move the
 `champion` alias to it only when it beats the current champion on the configured benchmark.
 
-Each version carries its scores as tags (`apo.score.<benchmark>`), so the comparison reads the
-champion's score instead of re-evaluating it. The version's source is the trained model's folder
+Each version carries its scores as tags (`apo.score.<benchmark>`) and the digest of the prompts
+each was measured on (`apo.eval_set.<benchmark>`), so the comparison reads the champion's score
+instead of re-evaluating it, and only on the same evaluation set: a retrain evaluated on other
+prompts says so and leaves the alias where it is. The version's source is the trained model's folder
 in the artifact root: the weights are not uploaded a second time.
 """
 
@@ -18,6 +20,7 @@ CHAMPION = "champion"
 REGISTRY_FILE = "registry.json"  # beside summary.json: the decision of this run, read by finish_run
 SCORE_TAG = "apo.score."  # + benchmark name; one tag per benchmark the version was evaluated on
 DECISION_TAG = "apo.registry.decision"
+EVAL_SET_TAG = "apo.eval_set."  # + benchmark name: data_version of the prompts the score is over
 
 
 def benchmark_scores(metrics: dict[str, float]) -> dict[str, float]:
@@ -72,11 +75,12 @@ def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult
     if not cfg.enabled:
         return None
     scores = benchmark_scores(evaluated.metrics)
+    eval_sets = eval_set_digests(evaluated)
     if cfg.benchmark not in scores:
         raise ValueError(f"registry.benchmark {cfg.benchmark!r}: evaluate recorded no trained accuracy for it "
                          f"(has: {', '.join(sorted(scores)) or 'none'})")
     tracker = ctx.tracker()
-    version, reused = find_or_register(ctx, tracker, trained, evaluated, scores)
+    version, reused = find_or_register(ctx, tracker, trained, evaluated, scores, eval_sets)
     number = str(version.version)  # the SQL store answers ints, the REST API strings
     record_uri = storage.join(ctx.run_uri, REGISTRY_FILE)
     if reused and DECISION_TAG in version.tags and storage.exists(record_uri):  # decided by an earlier attempt
@@ -86,7 +90,7 @@ def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult
             return record
 
     score = scores[cfg.benchmark]
-    decision, champion_version, champion_score = against_champion(tracker, cfg, number, score)
+    decision, champion_version, champion_score, reason = against_champion(tracker, cfg, number, score, eval_sets.get(cfg.benchmark))
     is_champion = decision in ("first", "promoted")
     if is_champion:
         tracker.set_alias(cfg.model_name, CHAMPION, number)
@@ -95,27 +99,41 @@ def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult
         "score": score, "champion_score": champion_score, "previous_champion_version": champion_version,
         "min_improvement": cfg.min_improvement, "decision": decision, "champion": is_champion,
         "champion_version": number if is_champion else champion_version,
-        "evaluate_fingerprint": evaluated.fingerprint,
+        "evaluate_fingerprint": evaluated.fingerprint, "eval_set": eval_sets.get(cfg.benchmark), "reason": reason,
     }
     record_decision(ctx, tracker, record, record_uri)
     return record
 
 
-def against_champion(tracker, cfg, number: str, score: float) -> tuple[str, str | None, float | None]:
-    """(decision, the champion's version, its score) for version `number` scoring `score`."""
+def against_champion(tracker, cfg, number: str, score: float,
+                     eval_set: str | None) -> tuple[str, str | None, float | None, str | None]:
+    """(decision, the champion's version, its score, why it was kept when not by score) for
+    version `number` scoring `score` on the prompts of digest `eval_set`."""
     champion = tracker.version_by_alias(cfg.model_name, CHAMPION)
     if champion is not None and str(champion.version) == number:
         # an earlier attempt of this run moved the alias, then stopped before recording why
-        return "promoted", None, None
+        return "promoted", None, None, None
     champion_version = str(champion.version) if champion is not None else None
     champion_score = _champion_score(champion, cfg.benchmark)
     if champion is not None and champion_score is None:
-        return "kept", champion_version, None  # a champion without a score on this benchmark cannot be beaten fairly
-    return decide(score, champion_score, cfg.min_improvement), champion_version, champion_score
+        return "kept", champion_version, None, "no score"  # a champion without a score on this benchmark cannot be beaten fairly
+    theirs = champion.tags.get(EVAL_SET_TAG + cfg.benchmark) if champion is not None else None
+    if champion is not None and theirs != eval_set:
+        print(f"[register] {cfg.benchmark} was evaluated on other prompts than champion v{champion_version}'s "
+              f"(eval set {(eval_set or 'unrecorded')[:12]} vs {(theirs or 'unrecorded')[:12]}): the scores do not compare, "
+              "the alias stays")
+        return "kept", champion_version, champion_score, "other evaluation set"
+    return decide(score, champion_score, cfg.min_improvement), champion_version, champion_score, None
+
+
+def eval_set_digests(evaluated: StageResult) -> dict[str, str]:
+    """benchmark -> data_version of the prompts evaluate scored it on (eval_sets.json)."""
+    uri = evaluated.outputs.get("eval_sets")
+    return storage.read_json(uri) if uri else {}
 
 
 def find_or_register(ctx: RunContext, tracker, trained: StageResult, evaluated: StageResult,
-                     scores: dict[str, float]) -> tuple[object, bool]:
+                     scores: dict[str, float], eval_sets: dict[str, str]) -> tuple[object, bool]:
     """(the model version of this evaluated model, whether it existed): an earlier attempt of
     this run registered it already, or a new version with the scores as tags."""
     name = ctx.config.registry.model_name
@@ -125,6 +143,7 @@ def find_or_register(ctx: RunContext, tracker, trained: StageResult, evaluated: 
     return tracker.register_version(name, source_uri(trained.outputs["model"]), ctx.parent_run_id, {
         "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
         **{SCORE_TAG + bench: value for bench, value in scores.items()},
+        **{EVAL_SET_TAG + bench: digest for bench, digest in eval_sets.items()},
     }), False
 
 

@@ -48,6 +48,7 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
         "stage_status": {r.stage: r.status for r in results},
         "stages_recomputed": [r.stage for r in results if r.status == "ran"],
         "artifacts": {r.stage: r.uri for r in results},
+        "data_version": data_version_of(by_stage.get("preprocess")),
         "skipped_rows": {k.removeprefix("data/skipped/"): int(v) for r in results for k, v in r.metrics.items() if k.startswith("data/skipped/")},
         "metrics": {k: v for r in results for k, v in r.metrics.items()},
         "mlflow_tracking_uri": ctx.tracking_uri,
@@ -64,11 +65,21 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
                                   ("eval/trained_accuracy", summary["trained_accuracy"])) if v is not None}
     headline.update({f"time/{k}_s": v for k, v in summary["stage_seconds"].items()})
     headline.update({f"memory/{k}_peak_rss_mb": v for k, v in summary["stage_peak_rss_mb"].items()})
+    headline.update({k: summary["metrics"][k] for k in ("reference/reused", "reference/sampled") if k in summary["metrics"]})
     tracker.log_metrics(ctx.parent_run_id, headline)
+    if summary["data_version"]:
+        tracker.set_tags(ctx.parent_run_id, {f"apo.data_version.{k}": v for k, v in summary["data_version"].items()})
     tracker.log_dict(ctx.parent_run_id, summary, "summary.json")
     tracker.end(ctx.parent_run_id, ok=True)
     storage.write_json(summary, summary["summary_uri"])
     return summary
+
+
+def data_version_of(prep: StageResult | None) -> dict[str, str] | None:
+    """The data version preprocess recorded in provenance.json (all, train, test)."""
+    if prep is None or "provenance" not in prep.outputs:
+        return None
+    return storage.read_json(prep.outputs["provenance"]).get("data_version")
 
 
 def read_config(uri: str) -> ApoConfig:

@@ -28,8 +28,9 @@ from .faults import failpoint
 from .tracking import Tracker
 
 MARKER = "_COMPLETE.json"
-# Sub-folders that hold a stage's resumable working state, not its published output.
-RESUME_STATE = ("checkpoints", "shards", MARKER)
+# Entries that hold a stage's resumable working state, not its published output: training's
+# checkpoints, stage 1's plan for its shard runs (tasks/sample_reference.py PLAN).
+RESUME_STATE = ("checkpoints", "plan.parquet", MARKER)
 
 STAGES = ("preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate")
 

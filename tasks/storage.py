@@ -197,28 +197,70 @@ def listing(uri: str) -> list[str]:
     return with_retries("list", uri, ls)
 
 
+def _publish_local(uri: str, data: bytes, exclusive: bool) -> bool:
+    """Write a complete temp file beside `uri`, then move it into place: os.replace, or with
+    `exclusive` a hard link, which fails (False) when `uri` exists."""
+    target = local_path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if exclusive:
+            os.link(tmp, target)
+        else:
+            os.replace(tmp, target)
+        return True
+    except FileExistsError:
+        if exclusive:
+            return False
+        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Publish `data` at `uri` atomically: a reader sees the old file, no file, or all of it."""
     if is_local(uri):
-        target = local_path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _publish_local(uri, data, exclusive=False)
         return
     fs, path = fs_path(uri)
     # one PUT (or one completed multipart upload) is atomic on an object store
     with_retries("write", uri, lambda: fs.pipe_file(path, data))
 
 
+def create_bytes(uri: str, data: bytes) -> bool:
+    """Publish `data` at `uri` only if nothing is there yet (exclusive create: locally a hard link
+    of a complete temp file, on S3 a conditional PUT); True when this call created it, False when
+    the file existed. A retry after a lost reply may find its own write: compare the bytes."""
+    if is_local(uri):
+        return _publish_local(uri, data, exclusive=True)
+    fs, path = fs_path(uri)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    return with_retries("create", uri, put)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = fs_path(uri)
     return with_retries("read", uri, lambda: fs.cat_file(path))
+
+
+def read_many(uris: list[str]) -> dict[str, bytes]:
+    """uri -> bytes of every file in `uris`, fetched concurrently where the file system can
+    (s3fs batches the requests); a missing file fails the call."""
+    if not uris:
+        return {}
+    fs, _ = fs_path(uris[0])
+    paths = {fs_path(u)[1]: u for u in uris}
+    got = with_retries("read", uris[0].rsplit("/", 1)[0], lambda: fs.cat(list(paths), on_error="raise"))
+    return {paths[k]: v for k, v in got.items()}
 
 
 def write_parquet(df: pl.DataFrame, uri: str) -> None:
@@ -239,6 +281,56 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     with fs.open(path, "rb") as f:
         while chunk := f.read(8 * 2**20):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(uri: str) -> str:
+    """sha256 of one file, remembered in apo's cache by (path, size, mtime) locally or (URI, size,
+    ETag) on an object store, so a 15 GB checkpoint is read once, not on every run."""
+    fs, path = fs_path(uri)
+    info = with_retries("stat", uri, lambda: fs.info(path))
+    if is_local(uri):
+        target = local_path(uri)
+        stat = target.stat()  # of the file a link points to
+        key = f"{target}|{stat.st_size}|{stat.st_mtime_ns}"
+    else:
+        key = f"{uri}|{info.get('size')}|{info.get('ETag') or info.get('etag') or info.get('LastModified')}"
+    cache = _digest_cache()
+    if key not in cache:
+        cache[key] = with_retries("hash", uri, lambda: _sha256(fs, path))
+        _save_digest_cache(cache)
+    return cache[key]
+
+
+def _digest_cache_path() -> Path:
+    from apo_core.tokenizer import cache_dir  # the one cache folder of apo ($APO_CACHE_DIR)
+
+    return cache_dir() / "file-sha256.json"
+
+
+def _digest_cache() -> dict[str, str]:
+    try:
+        return json.loads(_digest_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_digest_cache(cache: dict[str, str]) -> None:
+    try:
+        write_bytes(str(_digest_cache_path()), json.dumps(cache, sort_keys=True).encode())
+    except OSError:  # a read-only or full cache only costs a re-hash next time
+        pass
+
+
+def folder_digest(uri: str, keep: Callable[[str], bool]) -> str:
+    """One sha256 over the files of folder `uri` whose names `keep` accepts (name and content
+    digest of each, sorted by name); links are followed."""
+    fs, root = fs_path(uri)
+    names = sorted(p.rsplit("/", 1)[-1] for p in with_retries("list", uri, lambda: fs.ls(root, detail=False)))
+    digest = hashlib.sha256()
+    for name in names:
+        if keep(name):
+            digest.update(f"{name}\0{file_sha256(join(uri, name))}\n".encode())
     return digest.hexdigest()
 
 

@@ -131,3 +131,33 @@ def test_chat_template_of_an_instruct_tokenizer_wraps_the_paper_prompt(tmp_path)
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert 'output the final answer after "####".' in prompt
     assert uri.endswith("gsm8k_test_sample.jsonl")
+
+
+def test_rows_without_an_id_field_keep_their_id_as_the_data_grows():
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(5)]
+    ids = lambda out: {r.prompt.strip(): r.prompt_id for r in out.records}  # noqa: E731
+    grown = ids(clean(rows + [{"question": "q9", "answer": "9"}]))
+    assert ids(clean(rows[2:4])).items() <= grown.items()  # q2 and q3 have the ids they have in the larger set
+    assert ids(clean(list(reversed(rows)))) == ids(clean(rows))  # and in any order
+    again = clean(rows + [{"question": "q1", "answer": "1"}])
+    assert len(again.records) == 5 and again.skipped["duplicate_id"] == 1  # the same question twice
+
+
+def test_a_folder_or_glob_of_parts_is_read_in_name_order_and_train_size_none_takes_every_row(tmp_path):
+    from apo_core.modeling import load_tokenizer
+    from tasks.datasets import load_split
+
+    parts = tmp_path / "train"
+    parts.mkdir()
+    (parts / "part-00000.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    pl.DataFrame({"prompt": ["7+1=?", "8+1=?"], "answer": ["8", "9"]}).write_parquet(parts / "part-00001.parquet")
+    (parts / ".part-00002.jsonl.tmp").write_text("not a part")  # hidden files are not parts
+    spec = spec_for(load_config(overrides=["data.name=custom", f"data.train_path={parts}", "data.train_size=null"]).data)
+    tokenizer = load_tokenizer("embedded")
+    for path in (str(parts), f"{parts}/part-*"):
+        cleaned, uri = load_split("custom", spec, "train", path, None, tokenizer)
+        assert [r.answer for r in cleaned.records] == ["1", "2", "3", "8", "9"] and uri == path
+    with pytest.raises(FileNotFoundError, match="no JSONL, JSON or Parquet file under"):
+        load_split("custom", spec, "train", str(tmp_path / "empty-*"), None, tokenizer)
+    with pytest.raises(ValueError, match="train_size None"):
+        load_config(overrides=["data.train_size=null"])  # the embedded task generates a fixed number

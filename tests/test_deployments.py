@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from apo_core.seeds import keyed_seed
 from tasks.config import ConfigError, load_config
 from tests.helpers.servers import free_port, wait_for_http
 
@@ -317,12 +318,15 @@ def test_every_artifact_and_marker_is_in_the_bucket(stack, deployed_run):
         assert fs.exists(f"{run}/{stage}/{name}"), stage
         marker = json.loads(fs.cat_file(f"{run}/{stage}/_COMPLETE.json"))
         assert marker["stage"] == stage and marker["uri"] == f"s3://{run}/{stage}"
-    parts = sorted(p.rsplit("/", 1)[1] for p in fs.glob(f"{run}/sample_reference/shards/*/part-*.parquet"))
-    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    # the shard runs published their shards to the one reference-sample store in the bucket
+    entries = [json.loads(fs.cat_file(m)) for m in fs.glob("apo-test/deployed/_reference/v1/*/manifests/*.json")]
+    assert len(entries) == 3 and sum(e["rows"] for e in entries) == 24 * 2
     with fs.open(f"{run}/sample_reference/samples.parquet", "rb") as f:
         samples = pl.read_parquet(f)
+    with fs.open(f"{run}/preprocess/prompts.parquet", "rb") as f:
+        prompts = dict(pl.read_parquet(f).select("prompt_id", "prompt").iter_rows())
     assert samples.height == 24 * 2
-    assert sorted(samples["seed"].unique().to_list()) == [1234 + i for i in range(6)]  # seed + s * N + i, as a local run
+    assert samples["seed"].to_list() == [keyed_seed(1234, prompts[p], i) for p, i in samples.select("prompt_id", "sample_idx").iter_rows()]
     assert fs.exists(f"{run}/train_online/model/model.safetensors")
     assert len(fs.glob(f"{run}/stage_runs/*.json")) == 4  # the hand-offs of the four whole-stage runs
     summary = json.loads(fs.cat_file(f"{run}/summary.json"))

@@ -2,12 +2,14 @@
 artifacts and a real SQLite MLflow store."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from apo_core.seeds import keyed_seed
 from tasks.config import load_config
 
 STAGE_FILES = {
@@ -49,7 +51,7 @@ def test_every_stage_output_exists_and_is_complete(first_run):
         assert json.loads(open(f"{folder}/_COMPLETE.json").read())["stage"] == stage
     samples = pl.read_parquet(f"{cfg.artifact_root}/flowtest/sample_reference/samples.parquet")
     assert samples.height == 24 * 2  # N samples per training prompt
-    assert sorted(samples["seed"].unique().to_list()) == [cfg.reference.seed, cfg.reference.seed + 1]
+    assert samples["seed"].n_unique() == 24 * 2  # every sample its own seed (from the prompt and its index)
 
 
 def test_summary_has_the_promised_fields(first_run):
@@ -120,25 +122,58 @@ def test_new_beta1_reuses_reference_samples(first_run, tiny_model_dir):
 
 
 
+def store_entries(root) -> list[Path]:
+    """The manifests of the reference-sample store under artifact root `root`, oldest first."""
+    found = Path(root).glob("_reference/v1/*/manifests/*.json")
+    return sorted(found, key=lambda m: json.loads(m.read_text())["published"])
+
+
 def test_stage1_reruns_only_the_shards_that_did_not_finish(prefect_api, tiny_model_dir, tmp_path):
     from flows.apo import apo
 
     cfg = tiny_config(tmp_path, tiny_model_dir, **{"run_id": "shards", "reference.shard_size": 10, "train.steps": 1})
     apo(config=cfg)
     stage = tmp_path / "shards" / "sample_reference"
-    parts = sorted(stage.glob("shards/*/part-*.parquet"))
-    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # 24 prompts / 10
+    entries = store_entries(tmp_path)
+    assert len(entries) == 3  # 24 prompts / 10: one store entry a shard
     before = pl.read_parquet(stage / "samples.parquet")
-    assert sorted(before["seed"].unique().to_list()) == [1234, 1235, 1236, 1237, 1238, 1239]  # seed + s * N + i
-    # a crash after shard 1: shard 2's part and the stage marker never got written
-    parts[2].unlink()
+    prompts = dict(pl.read_parquet(tmp_path / "shards" / "preprocess" / "prompts.parquet").select("prompt_id", "prompt").iter_rows())
+    assert [r["seed"] for r in before.iter_rows(named=True)] == [
+        keyed_seed(1234, prompts[r["prompt_id"]], r["sample_idx"]) for r in before.iter_rows(named=True)]  # follows the prompt
+    # a crash after shard 2: shard 3's entry and the stage marker never got written
+    entries[2].unlink()
     (stage / "_COMPLETE.json").unlink()
-    mtimes = [p.stat().st_mtime_ns for p in parts[:2]]
+    mtimes = [m.stat().st_mtime_ns for m in entries[:2]]
     out = apo(config=cfg)
     assert out["stages_recomputed"][0] == "sample_reference"
-    assert [p.stat().st_mtime_ns for p in parts[:2]] == mtimes  # finished shards were not redone
-    assert parts[2].exists()
+    assert out["metrics"]["reference/sampled"] == 4 * 2 and out["metrics"]["reference/reused"] == 20 * 2  # shard 3 only
+    assert [m.stat().st_mtime_ns for m in entries[:2]] == mtimes  # finished shards were not redone
+    assert len(store_entries(tmp_path)) == 3
     assert pl.read_parquet(stage / "samples.parquet").equals(before)  # same samples as the uninterrupted run
+
+
+def test_a_new_run_over_the_same_prompts_samples_nothing_and_more_samples_draw_only_the_new_ones(
+        prefect_api, tiny_model_dir, tmp_path):
+    from flows.apo import apo
+
+    first = apo(config=tiny_config(tmp_path, tiny_model_dir, **{"run_id": "first", "train.steps": 1}))
+    assert first["metrics"]["reference/sampled"] == 24 * 2 and first["metrics"]["reference/reused"] == 0
+    second = apo(config=tiny_config(tmp_path, tiny_model_dir, **{"run_id": "second", "train.steps": 1}))
+    assert second["metrics"]["reference/sampled"] == 0 and second["metrics"]["reference/reused"] == 24 * 2
+    table = lambda run: pl.read_parquet(tmp_path / run / "sample_reference" / "samples.parquet")  # noqa: E731
+    assert table("second").equals(table("first"))
+    # the same table as a run without the store's help: an empty store elsewhere
+    alone = apo(config=tiny_config(tmp_path, tiny_model_dir, **{"run_id": "alone", "train.steps": 1,
+                                                                 "reference.store": str(tmp_path / "other-store")}))
+    assert alone["metrics"]["reference/sampled"] == 24 * 2 and table("alone").equals(table("first"))
+    # N 2 -> 4: samples 2 and 3 of each prompt are drawn, 0 and 1 come from the store
+    more = apo(config=tiny_config(tmp_path, tiny_model_dir, **{"run_id": "more", "train.steps": 1, "reference.n_samples": 4}))
+    assert more["metrics"]["reference/sampled"] == 24 * 2 and more["metrics"]["reference/reused"] == 24 * 2
+    four = table("more")
+    assert four.height == 24 * 4 and four.filter(pl.col("sample_idx") < 2).equals(table("first"))
+    drawn = pl.concat([pl.read_parquet(m.parent.parent / json.loads(m.read_text())["samples"]["path"])
+                       for m in store_entries(tmp_path)[-1:]])
+    assert sorted(drawn["sample_idx"].unique().to_list()) == [2, 3]
 
 
 def test_more_steps_resume_training_from_the_last_checkpoint(prefect_api, tiny_model_dir, tmp_path):

@@ -14,9 +14,10 @@ from tasks.stage import RunContext, StageResult
 from tasks.tracking import Tracker
 
 
-def fabricated_run(root, tracking_uri, run_id, scores, **registry):
+def fabricated_run(root, tracking_uri, run_id, scores, eval_sets=None, **registry):
     """A pipeline run that got as far as evaluate: its parent MLflow run, a model folder in the
-    artifact root and evaluate's metrics; `scores`: benchmark -> trained accuracy."""
+    artifact root and evaluate's metrics; `scores`: benchmark -> trained accuracy; `eval_sets`:
+    benchmark -> digest of its prompts (eval_sets.json), None: not recorded."""
     overrides = [f"run_id={run_id}", f"artifact_root={root}", f"tracking.mlflow_tracking_uri={tracking_uri}",
                  "registry.enabled=true", "registry.model_name=arith"]
     overrides += [f"registry.{k}={v}" for k, v in registry.items()]
@@ -31,13 +32,17 @@ def fabricated_run(root, tracking_uri, run_id, scores, **registry):
                           seconds=1.0, peak_rss_mb=1.0, outputs={"model": model})
     metrics = {"eval/reference_accuracy": 0.25}
     metrics.update({"eval/trained_accuracy" if b == "heldout" else f"eval/trained_{b}_accuracy": s for b, s in scores.items()})
+    outputs = {}
+    if eval_sets is not None:
+        outputs["eval_sets"] = storage.join(ctx.stage_uri("evaluate"), "eval_sets.json")
+        storage.write_json(eval_sets, outputs["eval_sets"])
     evaluated = StageResult(stage="evaluate", uri=ctx.stage_uri("evaluate"), status="ran", fingerprint=f"e-{run_id}",
-                            seconds=1.0, peak_rss_mb=1.0, metrics=metrics)
+                            seconds=1.0, peak_rss_mb=1.0, metrics=metrics, outputs=outputs)
     return ctx, trained, evaluated
 
 
-def register(root, tracking_uri, run_id, scores, **registry):
-    ctx, trained, evaluated = fabricated_run(root, tracking_uri, run_id, scores, **registry)
+def register(root, tracking_uri, run_id, scores, eval_sets=None, **registry):
+    ctx, trained, evaluated = fabricated_run(root, tracking_uri, run_id, scores, eval_sets, **registry)
     return ctx, register_model.fn(ctx, trained, evaluated)
 
 
@@ -116,6 +121,19 @@ def test_the_configured_benchmark_decides(store):
     assert (worse["decision"], worse["score"], worse["champion_score"]) == ("kept", 0.2, 0.25)
     _, better = register(root, uri, "c", {"heldout": 0.1, "math500": 0.3}, benchmark="math500")
     assert better["decision"] == "promoted" and champion_version(uri) == "3"
+
+
+def test_a_retrain_evaluated_on_other_prompts_does_not_move_the_alias(store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    root, uri = store
+    register(root, uri, "a", {"heldout": 0.5}, eval_sets={"heldout": "set-1"})
+    _, other = register(root, uri, "b", {"heldout": 0.9}, eval_sets={"heldout": "set-2"})
+    assert (other["decision"], other["reason"], other["eval_set"]) == ("kept", "other evaluation set", "set-2")
+    assert champion_version(uri) == "1" and "evaluated on other prompts" in capsys.readouterr().out
+    assert MlflowClient(uri).get_model_version("arith", "2").tags["apo.eval_set.heldout"] == "set-2"
+    _, same = register(root, uri, "c", {"heldout": 0.9}, eval_sets={"heldout": "set-1"})
+    assert same["decision"] == "promoted" and champion_version(uri) == "3"
 
 
 def test_a_benchmark_that_is_not_evaluated_fails_at_load():

@@ -23,6 +23,9 @@ def test_pipeline_on_an_s3_artifact_root(prefect_api, s3_endpoint, tiny_model_di
     assert fs.exists("apo-test/runs/s3run/train_online/checkpoints/step_000002/trainer_state.pt")
     assert fs.exists("apo-test/runs/s3run/summary.json")
     assert summary["artifacts"]["evaluate"] == "s3://apo-test/runs/s3run/evaluate"
+    # stage 1 published to the reference-sample store beside the runs, in the bucket
+    entries = fs.glob("apo-test/runs/_reference/v1/*/manifests/*.json")
+    assert entries and summary["metrics"]["reference/sampled"] == 24 * 2
     # the keys live in the environment only: nothing written to the bucket carries them
     for path in fs.find("apo-test/runs/s3run"):
         if path.endswith((".json", ".yaml", ".txt")):

@@ -158,10 +158,13 @@ def test_update_in_backward_matches_the_usual_clipped_update(tiny_model_dir, tmp
     assert all(m["train/grad_norm"] > 1e-4 for m in h0)  # clipping did act
     assert [m["train/grad_norm"] for m in h1] == pytest.approx([m["train/grad_norm"] for m in h0], rel=1e-4)
     # The two paths sum gradients in different orders (norms agree to ~1e-7 relative), and a bf16
-    # moment rounded stochastically can land one step apart: measured max 1.9e-6 on a 2-core EPYC
-    # (below 1e-6 on another CPU), against updates of ~lr x steps = 3e-3.
+    # moment rounded stochastically can land one bf16 step (2^-8 relative) apart, which moves that
+    # element's update by up to ~0.4%: against updates of ~lr x 2 minibatches x 3 steps = 6e-3 that
+    # is ~2.5e-5 (measured max 2.1e-5 in 10 of 17k embedding elements; 1.9e-6 with other rollouts).
+    # All but a few elements agree to 1e-6.
     for (k, a), b in zip(plain.policy.state_dict().items(), fused.policy.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), k
+        assert torch.allclose(a, b, atol=5e-5), k
+        assert ((a - b).abs() > 1e-6).float().mean() < 0.01, k
     assert all(p.grad is None for p in fused.policy.parameters())  # no gradient outlives its update
 
 

@@ -19,6 +19,7 @@ from apo_core.engines import TransformersEngine, VLLMEngine, make_engine
 from apo_core.modeling import EMBEDDED_MODEL, add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
 from apo_core.rewards import get_reward
 from apo_core.rollouts import TrainPrompt
+from apo_core.seeds import derived_seed, keyed_seed
 from apo_core.trainer import OnlineTrainer
 
 PROMPTS = [p["prompt"] for p in make_problems("test", 16)]
@@ -142,6 +143,21 @@ def test_transformers_generate_n_shapes(embedded):
     assert all(len(c.token_ids) <= 8 for samples in out for c in samples)
 
 
+def test_transformers_seeds_rows_as_vllm_does(embedded):
+    """Seeded rows draw from their own streams: generate_n equals the N generate calls, a row's
+    completion does not depend on the batch or its batch size, and seeds= names each row's."""
+    model, tok = embedded
+    engine = TransformersEngine(model, tok, autocast_bf16=False)
+    kwargs = dict(temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    many = engine.generate_n(PROMPTS[:6], 3, seed=11, **kwargs)
+    for j in range(3):
+        assert [c.token_ids for c in engine.generate(PROMPTS[:6], seed=11 + j, **kwargs)] == [s[j].token_ids for s in many]
+    one_by_one = [TransformersEngine(model, tok, batch_size=1, autocast_bf16=False).generate([p], seeds=[derived_seed(11, k)], **kwargs)[0]
+                  for k, p in enumerate(PROMPTS[:6])]
+    assert [c.token_ids for c in one_by_one] == [s[0].token_ids for s in many]
+    assert len({tuple(s.token_ids) for samples in many for s in samples}) > 6  # samples differ
+
+
 def test_online_trainer_keeps_the_engine_on_the_current_policy(embedded, tmp_path):
     model, tok = embedded
     engine = VLLMEngine(model, tok)
@@ -170,14 +186,16 @@ def test_pipeline_end_to_end_through_vllm(prefect_api, tmp_path):
     assert summary["stages_recomputed"] == ["preprocess", "sample_reference", "aggregate_vstar", "train_online", "evaluate"]
     assert summary["config"]["generation"]["engine"] == "vllm"
 
-    # Stage 1's rows are exactly vLLM's seeded samples of the reference (sample i: seed + i).
+    # Stage 1's rows are exactly vLLM's seeded samples of the reference (sample i of a prompt: its
+    # keyed seed), here drawn in another order: a request's sample does not depend on the batch.
     samples = pl.read_parquet(f"{tmp_path}/vllm/sample_reference/samples.parquet")
     train = pl.read_parquet(f"{tmp_path}/vllm/preprocess/prompts.parquet").filter(pl.col("split") == "train")
     model, tok = load_model_and_tokenizer("embedded")
-    again = VLLMEngine(model, tok).generate_n(  # same prompt order as the stage: a request's seed is (seed + i, index)
-        train["prompt"].to_list(), 2, temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
-        max_new_tokens=MAX_NEW, seed=cfg.reference.seed)
-    expected = {(pid, i): c.text for pid, per_prompt in zip(train["prompt_id"], again) for i, c in enumerate(per_prompt)}
+    items = [(pid, prompt, i) for pid, prompt in reversed(list(zip(train["prompt_id"], train["prompt"]))) for i in range(2)]
+    again = VLLMEngine(model, tok).generate(
+        [prompt for _, prompt, _ in items], temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
+        max_new_tokens=MAX_NEW, seeds=[keyed_seed(cfg.reference.seed, prompt, i) for _, prompt, i in items])
+    expected = {(pid, i): c.text for (pid, _, i), c in zip(items, again)}
     assert {(r["prompt_id"], r["sample_idx"]): r["response"] for r in samples.iter_rows(named=True)} == expected
 
     metrics = pl.read_parquet(f"{tmp_path}/vllm/train_online/metrics.parquet")

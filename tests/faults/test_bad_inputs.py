@@ -170,8 +170,9 @@ def test_wrong_model_paths_are_refused_before_any_work(case, good_run, tiny_mode
 def _data_file(kind: str, tmp: Path) -> str:
     if kind == "missing":
         return str(tmp / "absent.jsonl")
-    if kind == "folder":
+    if kind == "folder without parts":
         (tmp / "a-folder.jsonl").mkdir()
+        (tmp / "a-folder.jsonl" / "notes.txt").write_text("no data here")
         return str(tmp / "a-folder.jsonl")
     if kind == "truncated parquet":
         pl.DataFrame({"prompt": ["1+1=?"] * 50, "answer": ["2"] * 50}).write_parquet(tmp / "t.parquet")
@@ -183,7 +184,7 @@ def _data_file(kind: str, tmp: Path) -> str:
 
 @pytest.mark.parametrize("kind, expected", [
     ("missing", "data.train_path {path}: no such file"),
-    ("folder", "is a folder; give a JSONL or Parquet file"),
+    ("folder without parts", "a folder or glob that holds no JSONL, JSON or Parquet file"),
     ("truncated parquet", "not a whole Parquet file"),
 ])
 def test_unreadable_data_files_are_refused_before_any_work(kind, expected, good_run, tmp_path, monkeypatch, intact, record_fault):

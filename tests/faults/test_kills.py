@@ -7,6 +7,7 @@ The uninterrupted run happens once per module; every kill runs in its own artifa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,31 +131,51 @@ def test_kill_in_preprocess_before_its_marker(uninterrupted, tmp_path, record_fa
                  f"the unmarked output was not trusted: {statuses(summary)}; {SAME}")
 
 
+def store_entries(root: Path) -> list[Path]:
+    """Manifests of the run's reference-sample store (the artifact root's `_reference`), oldest first."""
+    return sorted(root.glob("_reference/v1/*/manifests/*.json"), key=lambda m: json.loads(m.read_text())["published"])
+
+
 def test_kill_mid_shard_in_sample_reference(uninterrupted, tmp_path, record_fault):
     run_killed(tmp_path, "sample_reference.mid_shard:2")
-    parts = sorted(p.name for p in (tmp_path / RUN_ID / "sample_reference").glob("shards/*/part-*.parquet"))
-    assert parts == ["part-00000.parquet"]  # shard 2 was drawn but never written; no partial part
+    assert len(store_entries(tmp_path)) == 1  # shard 2 was drawn but never published; no partial entry
     summary = run_in_process(tmp_path)
     expect(summary, 1)
-    assert summary["metrics"]["reference/shards_reused"] == 1.0 and summary["metrics"]["reference/shards"] == 3.0
+    assert summary["metrics"]["reference/reused"] == 10 * 2 and summary["metrics"]["reference/sampled"] == 14 * 2
+    assert summary["metrics"]["reference/shards"] == 2.0
     assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
-    record_fault("kill", "SIGKILL in sample_reference mid-shard 2 of 3 (samples drawn and scored, part not written)",
-                 f"resume reused shard 1 and redid shards 2-3; {statuses(summary)}; {SAME}")
+    record_fault("kill", "SIGKILL in sample_reference mid-shard 2 of 3 (samples drawn and scored, not published)",
+                 f"resume took shard 1 from the store and redid shards 2-3; {statuses(summary)}; {SAME}")
 
 
 def test_kill_between_shards_in_sample_reference(uninterrupted, tmp_path, record_fault):
     run_killed(tmp_path, "sample_reference.after_shard:2")
-    stage = tmp_path / RUN_ID / "sample_reference"
-    parts = sorted(stage.glob("shards/*/part-*.parquet"))
-    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
-    mtimes = [p.stat().st_mtime_ns for p in parts]
+    entries = store_entries(tmp_path)
+    assert len(entries) == 2
+    mtimes = [m.stat().st_mtime_ns for m in entries]
     summary = run_in_process(tmp_path)
     expect(summary, 1)
-    assert summary["metrics"]["reference/shards_reused"] == 2.0
-    assert [p.stat().st_mtime_ns for p in parts] == mtimes  # finished shards not rewritten
+    assert summary["metrics"]["reference/reused"] == 20 * 2 and summary["metrics"]["reference/sampled"] == 4 * 2
+    assert [m.stat().st_mtime_ns for m in entries] == mtimes  # published shards not rewritten
     assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
     record_fault("kill", "SIGKILL in sample_reference between shards 2 and 3",
-                 f"resume reused shards 1-2 untouched and sampled shard 3 only; {statuses(summary)}; {SAME}")
+                 f"resume took shards 1-2 from the store untouched and sampled shard 3 only; {statuses(summary)}; {SAME}")
+
+
+def test_kill_during_a_store_write(uninterrupted, tmp_path, record_fault):
+    run_killed(tmp_path, "reference_store.before_manifest:2")
+    entries = store_entries(tmp_path)
+    model = entries[0].parent.parent
+    named = {json.loads(m.read_text())[f]["path"] for m in entries for f in ("samples", "index")}
+    written = {str(f.relative_to(model)) for f in [*model.glob("samples/*.parquet"), *model.glob("index/*.parquet")]}
+    assert len(entries) == 1 and len(written - named) == 2  # shard 2's two files, which no manifest names
+    summary = run_in_process(tmp_path)
+    expect(summary, 1)
+    assert summary["metrics"]["reference/sampled"] == 14 * 2
+    assert len(store_entries(tmp_path)) == 3
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted)
+    record_fault("kill", "SIGKILL in a reference-store write: both files of shard 2 written, its manifest not",
+                 f"no entry was published half: the rerun sampled shards 2-3 again; {statuses(summary)}; {SAME}")
 
 
 def test_kill_in_aggregate_vstar_before_its_marker(uninterrupted, tmp_path, record_fault):
