@@ -3,8 +3,9 @@
 1. **Retrain**: `apo run` on the embedded default's 1,024 training prompts (stage 1 as `make run`
    draws it: N 8, max_new_tokens 96), then the same data plus 10% new prompts under a new run id
    and the same store. Target: the second stage 1 samples exactly the new prompts (counted) in
-   <= 0.15x the first run's stage-1 seconds, with bit-identical V* for the old prompts. Training
-   and evaluation are cut to a step and a few prompts: they are not what is measured.
+   <= 0.15x the first run's stage-1 seconds (the median of 3 pairs, each in a fresh store), with
+   bit-identical V* for the old prompts. Training and evaluation are cut to a step and a few
+   prompts: they are not what is measured.
 2. **Lookup**: a store of 100,000 prompts x 16 samples (entries of 512 prompts, as stage-1 shards
    publish them) on moto's S3 server on loopback; the seconds `ReferenceStore.lookup` takes for
    every key, and for reading back the samples of 1% of them.
@@ -32,45 +33,56 @@ if str(ROOT) not in sys.path:
 TARGET_RATIO = 0.15
 
 
-def apo_run(root: Path, run_id: str, train_size: int, quick: bool) -> dict:
-    """One `apo run` (its own process, as a user runs it); its summary."""
+def apo_run(root: Path, run_id: str, train_size: int, quick: bool, extra: list[str]) -> dict:
+    """One `apo run` (its own process, as a user runs it) with `extra` KEY=VALUE overrides; its summary."""
     sets = {"artifact_root": str(root), "data.train_size": train_size, "data.test_size": 16, "train.steps": 1,
             "train.rollout_batch_size": 8, "train.minibatch_size": 8, "eval.evaluate_reference": "false"}
     if quick:
         sets.update({"reference.max_new_tokens": 32, "train.max_new_tokens": 32, "eval.max_new_tokens": 32})
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--run-id", run_id, *[f"--set={k}={v}" for k, v in sets.items()]]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--run-id", run_id, *[f"--set={k}={v}" for k, v in sets.items()],
+           *[f"--set={kv}" for kv in extra]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"apo run {run_id} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads((root / run_id / "summary.json").read_text())
 
 
-def retrain(quick: bool) -> dict:
+def retrain_once(quick: bool, extra: list[str]) -> dict:
+    """One pair of runs in a fresh artifact root (so a fresh store)."""
     import polars as pl
 
     first_n = 128 if quick else 1024
     second_n = first_n + first_n // 10
     with tempfile.TemporaryDirectory(prefix="apo-store-bench-") as tmp:
         root = Path(tmp)
-        first = apo_run(root, "first", first_n, quick)
-        second = apo_run(root, "second", second_n, quick)
+        first = apo_run(root, "first", first_n, quick, extra)
+        second = apo_run(root, "second", second_n, quick, extra)
         vstar = {run: pl.read_parquet(root / run / "aggregate_vstar" / "vstar.parquet") for run in ("first", "second")}
     old = vstar["second"].join(vstar["first"].select("prompt_id"), on="prompt_id", how="semi").sort("prompt_id")
     n = first["config"]["reference"]["n_samples"]
     t1, t2 = first["stage_seconds"]["sample_reference"], second["stage_seconds"]["sample_reference"]
-    ratio = t2 / t1
-    result = {
+    return {
         "prompts": {"first": first_n, "second": second_n, "new": second_n - first_n},
         "samples_per_prompt": n,
         "first": {"sampled": first["metrics"]["reference/sampled"], "reused": first["metrics"]["reference/reused"], "stage1_s": t1},
         "second": {"sampled": second["metrics"]["reference/sampled"], "reused": second["metrics"]["reference/reused"], "stage1_s": t2},
-        "second_over_first_stage1_s": round(ratio, 4),
+        "second_over_first_stage1_s": round(t2 / t1, 4),
         "vstar_of_old_prompts_identical": old.equals(vstar["first"].sort("prompt_id")),
     }
+
+
+def retrain(quick: bool, repeat: int, extra: list[str]) -> dict:
+    """`repeat` pairs of runs; the ratio's target is judged on the median pair (timings of a
+    few seconds move by 10-20% from run to run on 2 cores)."""
+    pairs = [retrain_once(quick, extra) for _ in range(repeat)]
+    ratios = sorted(p["second_over_first_stage1_s"] for p in pairs)
+    median = ratios[len(ratios) // 2]
+    new = pairs[0]["prompts"]["new"] * pairs[0]["samples_per_prompt"]
+    result = {"overrides": extra, "pairs": pairs, "second_over_first_stage1_s": ratios, "median_ratio": median}
     result["target"] = {
-        "second_samples_exactly_the_new_prompts": result["second"]["sampled"] == (second_n - first_n) * n,
-        f"second_over_first_stage1_s <= {TARGET_RATIO}": ratio <= TARGET_RATIO,
-        "vstar_of_old_prompts_identical": result["vstar_of_old_prompts_identical"],
+        "second_samples_exactly_the_new_prompts": all(p["second"]["sampled"] == new for p in pairs),
+        f"median second_over_first_stage1_s <= {TARGET_RATIO}": median <= TARGET_RATIO,
+        "vstar_of_old_prompts_identical": all(p["vstar_of_old_prompts_identical"] for p in pairs),
     }
     result["met"] = all(result["target"].values())
     return result
@@ -149,12 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: the mechanics only")
     ap.add_argument("--only", choices=["retrain", "lookup"], help="one of the two measurements")
+    ap.add_argument("--repeat", type=int, default=3, help="retrain: pairs of runs (the target is on the median)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="retrain: a config override for both runs, e.g. reference.n_samples=16 (repeatable)")
     ap.add_argument("--out", help="write the results here (JSON)")
     args = ap.parse_args(argv)
     started = time.time()
     out: dict = {"quick": args.quick}
     if args.only in (None, "retrain"):
-        out["retrain"] = retrain(args.quick)
+        out["retrain"] = retrain(args.quick, args.repeat, args.overrides)
     if args.only in (None, "lookup"):
         out["lookup"] = lookup(args.quick)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

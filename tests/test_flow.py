@@ -64,6 +64,18 @@ def test_summary_has_the_promised_fields(first_run):
     assert all(v > 0 for v in on_disk["stage_peak_rss_mb"].values())
     assert on_disk["stages_recomputed"] == list(STAGE_FILES)
     assert on_disk["config"]["train"]["steps"] == 3
+    # the data version: one digest of the prompts used, in provenance.json, the summary and on the MLflow runs
+    from mlflow.tracking import MlflowClient
+
+    from apo_core.data import PromptRecord, data_version
+
+    prompts = pl.read_parquet(f"{cfg.artifact_root}/flowtest/preprocess/prompts.parquet")
+    expected = data_version(PromptRecord(**row) for row in prompts.iter_rows(named=True))
+    provenance = json.loads(open(f"{cfg.artifact_root}/flowtest/preprocess/provenance.json").read())
+    assert on_disk["data_version"] == provenance["data_version"] and on_disk["data_version"]["all"] == expected
+    parent = MlflowClient(on_disk["mlflow_tracking_uri"]).get_run(on_disk["mlflow_run_id"]).data
+    assert parent.tags["apo.data_version.train"] == on_disk["data_version"]["train"]
+    assert parent.metrics["reference/sampled"] == 24 * 2 and parent.metrics["reference/reused"] == 0
 
 
 def test_parameters_changed(first_run, tiny_model_dir):
@@ -171,9 +183,15 @@ def test_a_new_run_over_the_same_prompts_samples_nothing_and_more_samples_draw_o
     assert more["metrics"]["reference/sampled"] == 24 * 2 and more["metrics"]["reference/reused"] == 24 * 2
     four = table("more")
     assert four.height == 24 * 4 and four.filter(pl.col("sample_idx") < 2).equals(table("first"))
-    drawn = pl.concat([pl.read_parquet(m.parent.parent / json.loads(m.read_text())["samples"]["path"])
-                       for m in store_entries(tmp_path)[-1:]])
+    newest = store_entries(tmp_path)[-1]
+    drawn = pl.read_parquet(newest.parent.parent / json.loads(newest.read_text())["samples"]["path"])
     assert sorted(drawn["sample_idx"].unique().to_list()) == [2, 3]
+    # a damaged entry is found by its manifest, set aside and sampled again: the same samples
+    samples_file = newest.parent.parent / json.loads(newest.read_text())["samples"]["path"]
+    samples_file.write_bytes(samples_file.read_bytes()[:-8])
+    again = apo(config=tiny_config(tmp_path, tiny_model_dir, **{"run_id": "again", "train.steps": 1, "reference.n_samples": 4}))
+    assert again["metrics"]["reference/sampled"] == 24 * 2 and table("again").equals(four)
+    assert (newest.parent.parent / "damaged" / newest.name).exists()
 
 
 def test_more_steps_resume_training_from_the_last_checkpoint(prefect_api, tiny_model_dir, tmp_path):

@@ -170,3 +170,18 @@ def test_a_hub_model_is_digested_from_its_snapshot(tiny_model_dir, monkeypatch):
     hub = sample_context(load_config(overrides=["model.path=org/some-model"]))
     assert asked == ["org/some-model"]
     assert hub == sample_context(load_config(overrides=[f"model.path={tiny_model_dir}"]))  # the same files, the same key
+
+
+def test_apo_store_lists_the_store_and_prunes_it(tmp_path, capsys):
+    from flows.cli import main
+
+    store = rs.ReferenceStore(str(tmp_path / "_reference"), CONTEXT, "r1")
+    with store.reading("embedded"):
+        store.publish(rows_for([CONTEXT.key("a", "1"), CONTEXT.key("b", "2")], range(8)))
+    assert main(["store", "--set", f"artifact_root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 model(s), 16 samples" in out and CONTEXT.model[:16] in out and "embedded" in out
+    assert main(["store", "--set", f"artifact_root={tmp_path}", "--prune", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing to prune"  # used just now
+    assert main(["store", "--set", f"artifact_root={tmp_path}", "--prune", "--model", CONTEXT.model[:8]]) == 0
+    assert "removed" in capsys.readouterr().out and not (tmp_path / "_reference" / "v1" / CONTEXT.model[:16]).exists()
