@@ -123,7 +123,9 @@ def _file_record(data: bytes, rel: str) -> dict:
     return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _check(data: bytes, record: dict) -> str | None:
+def _check(data: bytes | None, record: dict) -> str | None:
+    if data is None:
+        return f"{record['path']} is missing"
     if len(data) != record["bytes"]:
         return f"{record['path']} has {len(data)} bytes, its manifest says {record['bytes']}"
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
@@ -159,10 +161,10 @@ class ReferenceStore:
         wanted = set(keys)
         found = Lookup()
         manifests = self._manifests()
-        blobs = storage.read_many([self._path(m["index"]["path"]) for _, m in manifests])
+        blobs = storage.read_many([self._path(m["index"]["path"]) for _, m in manifests], missing_ok=True)
         frames = []
         for order, (entry, m) in enumerate(manifests):
-            data = blobs[self._path(m["index"]["path"])]
+            data = blobs.get(self._path(m["index"]["path"]))
             problem = _check(data, m["index"])
             if problem:
                 self._quarantine(entry, json.dumps(m).encode(), problem)
@@ -182,10 +184,10 @@ class ReferenceStore:
         """(the stored rows of `found`, entries whose samples file failed its check: quarantined,
         their rows left out, so the caller samples them again)."""
         uris = {e: self._path(m["samples"]["path"]) for e, m in found.manifests.items()}
-        blobs = storage.read_many(list(uris.values()))
+        blobs = storage.read_many(list(uris.values()), missing_ok=True)
         frames, damaged = [], []
         for entry, m in found.manifests.items():
-            data = blobs[uris[entry]]
+            data = blobs.get(uris[entry])
             problem = _check(data, m["samples"])
             if problem:
                 self._quarantine(entry, json.dumps(m).encode(), problem)
@@ -250,7 +252,7 @@ class ReferenceStore:
 
 # -- the whole store: what `apo store` shows and prunes ---------------------------------------
 def model_folders(root: str) -> list[str]:
-    return [u for u in storage.listing(storage.join(root, VERSION)) if u.rstrip("/").rsplit("/", 1)[-1] != ".tmp"]
+    return storage.listing(storage.join(root, VERSION))
 
 
 def describe(root: str) -> list[dict]:

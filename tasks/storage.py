@@ -252,15 +252,15 @@ def read_bytes(uri: str) -> bytes:
     return with_retries("read", uri, lambda: fs.cat_file(path))
 
 
-def read_many(uris: list[str]) -> dict[str, bytes]:
+def read_many(uris: list[str], missing_ok: bool = False) -> dict[str, bytes]:
     """uri -> bytes of every file in `uris`, fetched concurrently where the file system can
-    (s3fs batches the requests); a missing file fails the call."""
+    (s3fs batches the requests); a missing file fails the call, or with `missing_ok` is left out."""
     if not uris:
         return {}
     fs, _ = fs_path(uris[0])
     paths = {fs_path(u)[1]: u for u in uris}
-    got = with_retries("read", uris[0].rsplit("/", 1)[0], lambda: fs.cat(list(paths), on_error="raise"))
-    return {paths[k]: v for k, v in got.items()}
+    got = with_retries("read", uris[0].rsplit("/", 1)[0], lambda: fs.cat(list(paths), on_error="omit" if missing_ok else "raise"))
+    return {paths[k]: v for k, v in got.items() if not isinstance(v, BaseException)}
 
 
 def write_parquet(df: pl.DataFrame, uri: str) -> None:

@@ -21,6 +21,20 @@ def _run(args: list[str], tmp: Path, timeout: int = 600) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def assert_same_weights(weights: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """Trained weights equal one process's within float noise. Adam divides each gradient by its
+    own running scale, so an element whose gradient is near zero moves by up to lr (1e-3) a step
+    on noise alone: the reduction orders of 2 ranks leave such a rare element up to 3e-5 apart
+    (4 of 10M on a 2-core AMD EPYC). Every element within 1e-4 (a tenth of one step), and all but
+    1 in 10,000 within atol 1e-5, rtol 1e-4."""
+    off = total = 0
+    for k, v in ref.items():
+        assert torch.allclose(weights[k], v, atol=1e-4, rtol=1e-4), k
+        off += int((~torch.isclose(weights[k], v, atol=1e-5, rtol=1e-4)).sum())
+        total += v.numel()
+    assert off <= total * 1e-4, f"{off} of {total} weights differ by more than atol 1e-5, rtol 1e-4"
+
+
 def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     (ckpt,) = sorted((out / "checkpoints").glob("step_*"))
     return json.loads((out / "losses.json").read_text()), load_file(ckpt / "model" / "model.safetensors")
@@ -44,8 +58,7 @@ def test_two_process_zero_matches_one_process(zero, single_process, tiny_model_d
     assert weights.keys() == ref_weights.keys()
     start = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(start[k], ref_weights[k]) for k in start)  # training moved the weights
-    for k, v in ref_weights.items():
-        assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
+    assert_same_weights(weights, ref_weights)
     assert (tmp_path / "checkpoints" / "step_000003" / "ds").is_dir()  # ZeRO shards for a resume
 
 
@@ -61,8 +74,7 @@ def test_zero3_scores_a_partitioned_qwen_vocabulary_head_like_one_process(tmp_pa
     (ref_losses, ref_weights), (losses, weights) = _result(single), _result(ranks)
     assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
     assert weights["model.embed_tokens.weight"].shape == (151_936, 64)  # gathered whole for the save
-    for k, v in ref_weights.items():
-        assert torch.allclose(weights[k], v, atol=1e-5, rtol=1e-4), k
+    assert_same_weights(weights, ref_weights)
 
 
 def test_zero3_ranks_whose_responses_differ_in_length_decode_and_score_together(tmp_path):

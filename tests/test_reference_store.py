@@ -185,3 +185,12 @@ def test_apo_store_lists_the_store_and_prunes_it(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "nothing to prune"  # used just now
     assert main(["store", "--set", f"artifact_root={tmp_path}", "--prune", "--model", CONTEXT.model[:8]]) == 0
     assert "removed" in capsys.readouterr().out and not (tmp_path / "_reference" / "v1" / CONTEXT.model[:16]).exists()
+
+
+def test_an_entry_whose_file_is_gone_is_quarantined_not_fatal(tmp_path):
+    store = rs.ReferenceStore(str(tmp_path), CONTEXT, "r1")
+    a = CONTEXT.key("a", "1")
+    store.publish(rows_for([a], range(2)))
+    next((tmp_path / "v1").glob("*/index/*.parquet")).unlink()
+    found = store.lookup([a])
+    assert found.indices() == {} and len(found.damaged) == 1
