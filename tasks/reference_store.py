@@ -25,6 +25,7 @@ read from the first published.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -78,7 +79,7 @@ class SampleContext:
     seed: int
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return _context_digest(self)
 
     def key(self, prompt: str, answer: str) -> str:
         """The store key of (rendered prompt, gold answer) under this context."""
@@ -86,6 +87,12 @@ class SampleContext:
 
 
 HIT_SCHEMA = {"key": pl.String, "sample_idx": pl.Int64, "entry": pl.String}
+
+
+@functools.cache
+def _context_digest(context: SampleContext) -> str:
+    """Computed once per context, not once per key (a lookup keys every training prompt)."""
+    return hashlib.sha256(json.dumps(asdict(context), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

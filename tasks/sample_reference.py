@@ -97,15 +97,14 @@ def group_shards(indices: Sequence[int], runs: int) -> list[list[int]]:
 
 
 def sample_shards(cfg: ApoConfig, store: ReferenceStore, shards: Sequence[Shard], which: Sequence[int],
-                  log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Sample the shards `which` and publish each to the store as one entry; samples a shard's
-    prompts already have in the store (an earlier try published them) are not drawn again."""
+                  have: dict[str, set[int]], log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Sample the shards `which` and publish each to the store as one entry; samples already in
+    `have` (key -> stored indices, from one lookup: an earlier try published them) are not drawn again."""
     ref = cfg.reference
     engine, reward = None, get_reward(cfg.reward_name)
     done = {"shards_sampled": 0.0, "samples_drawn": 0.0, "seconds": 0.0, "tokens": 0.0}
     for s in which:
         keys = {r.prompt_id: store.context.key(r.prompt, r.answer) for r, _ in shards[s]}
-        have = store.lookup(keys.values()).indices()
         work = [(r, [i for i in idx if i not in have.get(keys[r.prompt_id], set())]) for r, idx in shards[s]]
         work = [(r, idx) for r, idx in work if idx]
         if not work:
@@ -207,7 +206,7 @@ def sample_reference(ctx: RunContext, prep: StageResult, fan_out: FanOut | None 
     def sample_missing(store: ReferenceStore, shards: list[Shard], io: StageIO, metrics: dict[str, float],
                        drawn: dict[str, float]) -> None:
         if fan_out is None:
-            done = sample_shards(cfg, store, shards, range(len(shards)), log=lambda s, m: io.log_metrics(m, step=s))
+            done = sample_shards(cfg, store, shards, range(len(shards)), {}, log=lambda s, m: io.log_metrics(m, step=s))
             for k, v in done.items():
                 drawn[k] = drawn.get(k, 0.0) + v
             return
@@ -239,7 +238,9 @@ def sample_reference_shard(ctx: RunContext, prep: StageResult, shard_ids: list[i
         if tracker is not None:
             tracker.log_metrics(mlflow_run_id, metrics, step=s)
 
-    done = sample_shards(cfg, open_store(cfg), shards, shard_ids, log)
+    store = open_store(cfg)
+    mine = {store.context.key(r.prompt, r.answer) for s in shard_ids for r, _ in shards[s]}
+    done = sample_shards(cfg, store, shards, shard_ids, store.lookup(mine).indices(), log)  # one lookup for all of them
     counts = verifier_metrics(cfg.reward_name, before)
     if tracker is not None and any(counts.values()):
         tracker.log_metrics(mlflow_run_id, counts, step=shard_ids[0])
