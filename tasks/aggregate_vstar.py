@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from apo_core.rollouts import aggregate_vstar as aggregate, is_kept
 
 from . import storage
+from .review import table_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 
@@ -21,6 +22,7 @@ def aggregate_vstar(ctx: RunContext, samples: StageResult) -> StageResult:
 
     def body(io: StageIO):
         raw = storage.read_parquet(samples.outputs["samples"])
+        io.log_datasets([table_dataset("reference_samples", samples.outputs["samples"], "reference")])
         rows = aggregate(raw["prompt_id"].to_list(), raw["reward"].to_list(), cfg.vstar.beta1)
         # kept: what stage 2 trains on
         df = pl.DataFrame([{**row, "kept": is_kept(row, cfg.vstar.filter_all_zero)} for row in rows])

@@ -32,6 +32,8 @@ class TrackingConfig(Section):
     """MLflow tracking URI; None means a SQLite store under a local artifact_root."""
     experiment: str = "apo"
     """MLflow experiment name."""
+    system_metrics_interval_s: float = Field(10.0, ge=0)
+    """Seconds between system-metric samples (CPU, memory, disk, network; GPU where present) logged to every stage's MLflow run as system/*; 0 turns them off."""
 
 
 class StorageConfig(Section):

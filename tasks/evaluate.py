@@ -19,7 +19,9 @@ from . import storage
 from .faults import failpoint
 from .loading import engine_for, load_model, read_prompts
 from .datasets import load_benchmark
+from .review import per_prompt_table, records_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, verifier_metrics
+from .tracking import DatasetRef
 
 
 def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str, tuple[Sequence[PromptRecord], str]]):
@@ -44,13 +46,26 @@ def evaluate_models(cfg: ApoConfig, models: Mapping[str, str], sets: Mapping[str
     return pl.concat(frames, how="diagonal"), metrics
 
 
-def benchmark_sets(cfg: ApoConfig, tokenizer) -> dict[str, tuple[list[PromptRecord], str]]:
-    sets = {}
+def benchmark_sets(cfg: ApoConfig, tokenizer) -> tuple[dict[str, tuple[list[PromptRecord], str]], dict[str, str]]:
+    """(name -> (records, reward name), name -> the file they were read from)."""
+    sets, sources = {}, {}
     for entry in cfg.eval.benchmarks:
         name = entry.split("=", 1)[0]
-        cleaned, _ = load_benchmark(entry, tokenizer, cfg.eval.benchmark_limit)
-        sets[name] = (cleaned.records, reward_of(name))
-    return sets
+        cleaned, uri = load_benchmark(entry, tokenizer, cfg.eval.benchmark_limit)
+        sets[name], sources[name] = (cleaned.records, reward_of(name)), uri
+    return sets, sources
+
+
+def log_model_metrics(io: StageIO, metrics: Mapping[str, float], model_uri: str | None, datasets: Mapping[str, DatasetRef]) -> None:
+    """The trained model's scores again, linked to its MLflow logged model and to the data set each
+    is over (shown on the model's page); `model_uri` models:/<id>, None for a model from before logged models."""
+    if not model_uri:
+        return
+    benchmarks = [f"eval/trained_{name}_" for name in datasets if name != "heldout"]
+    for name, dataset in datasets.items():
+        prefix = "eval/trained_" if name == "heldout" else f"eval/trained_{name}_"
+        mine = {k: v for k, v in metrics.items() if k.startswith(prefix) and (name != "heldout" or not k.startswith(tuple(benchmarks)))}
+        io.tracker.log_metrics(io.mlflow_run_id, mine, model_id=model_uri.removeprefix("models:/"), dataset=dataset)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -63,16 +78,25 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
         if cfg.eval.evaluate_reference:
             models = {"reference": cfg.model.path, **models}
         sets = {"heldout": (read_prompts(prep, "test"), cfg.reward_name)}
+        sources = {"heldout": prep.outputs["prompts"]}
         if cfg.eval.benchmarks:
-            sets.update(benchmark_sets(cfg, load_tokenizer(cfg.model.path)))
+            more, more_sources = benchmark_sets(cfg, load_tokenizer(cfg.model.path))
+            sets.update(more)
+            sources.update(more_sources)
+        # the run's held-out split is the data set `test` preprocess logged; benchmarks under their names
+        datasets = {name: records_dataset("test" if name == "heldout" else name, records, sources[name], "evaluation")
+                    for name, (records, _) in sets.items()}
+        io.log_datasets(list(datasets.values()))
         results, metrics = evaluate_models(cfg, models, sets)
+        log_model_metrics(io, metrics, trained.outputs.get("mlflow_model"), datasets)
         metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         storage.write_parquet(results, io.path("results.parquet"))
         storage.write_json(metrics, io.path("accuracy.json"))
         # which prompts each score is over: a champion is compared only on the same set
         storage.write_json({name: data_version(records) for name, (records, _) in sets.items()}, io.path("eval_sets.json"))
         io.log_metrics(metrics)
-        io.tracker.log_table(io.mlflow_run_id, results.head(200).to_dicts(), "eval_results.json")
+        # one row per prompt: the reference's and the trained model's greedy answers side by side
+        io.tracker.log_table(io.mlflow_run_id, per_prompt_table(results).to_dicts(), "eval_results.json")
         return metrics, {"results": io.path("results.parquet"), "accuracy": io.path("accuracy.json"),
                          "eval_sets": io.path("eval_sets.json")}
 

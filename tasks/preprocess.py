@@ -13,6 +13,7 @@ from apo_core.modeling import load_tokenizer
 
 from . import storage
 from .datasets import load_split
+from .review import records_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
 
@@ -84,6 +85,8 @@ def preprocess(ctx: RunContext) -> StageResult:
             print(f"[preprocess] WARNING: {len(overlap)} held-out prompts also appear in training")
         io.log_metrics(metrics)
         io.tracker.log_dict(io.mlflow_run_id, provenance, "provenance.json")
+        io.log_datasets([records_dataset(split, [r for r in records if r.split == split], io.path("prompts.parquet"),
+                                         "training" if split == "train" else "evaluation") for split in ("train", "test")])
         return metrics, {"prompts": io.path("prompts.parquet"), "provenance": io.path("provenance.json")}
 
     uses_model = cfg.data.name != "embedded" or cfg.data.template == "chat"  # its tokenizer renders or counts the prompts

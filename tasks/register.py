@@ -4,8 +4,9 @@
 Each version carries its scores as tags (`apo.score.<benchmark>`) and the digest of the prompts
 each was measured on (`apo.eval_set.<benchmark>`), so the comparison reads the champion's score
 instead of re-evaluating it, and only on the same evaluation set: a retrain evaluated on other
-prompts says so and leaves the alias where it is. The version's source is the trained model's folder
-in the artifact root: the weights are not uploaded a second time.
+prompts says so and leaves the alias where it is. The version's source is the trained model's
+MLflow logged model of the run (`models:/<id>`, the one MLflow copy of the weights, which
+train_online makes), or the model folder in the artifact root for a model trained before logged models.
 """
 
 from __future__ import annotations
@@ -140,11 +141,13 @@ def find_or_register(ctx: RunContext, tracker, trained: StageResult, evaluated: 
     for version in tracker.model_versions(name, ctx.parent_run_id):
         if version.tags.get("apo.evaluate_fingerprint") == evaluated.fingerprint:
             return version, True
-    return tracker.register_version(name, source_uri(trained.outputs["model"]), ctx.parent_run_id, {
+    logged = trained.outputs.get("mlflow_model")  # models:/<id>: the weights' MLflow copy, immutable
+    source = logged or source_uri(trained.outputs["model"])
+    return tracker.register_version(name, source, ctx.parent_run_id, {
         "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
         **{SCORE_TAG + bench: value for bench, value in scores.items()},
         **{EVAL_SET_TAG + bench: digest for bench, digest in eval_sets.items()},
-    }), False
+    }, model_id=logged.removeprefix("models:/") if logged else None), False
 
 
 def record_decision(ctx: RunContext, tracker, record: dict, record_uri: str) -> None:

@@ -9,12 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from .config import ApoConfig
 
-from . import storage
+from . import review, storage
 from .faults import failpoint
 from .preflight import PreflightError, preflight
 from .register import registry_record
 from .stage import RunContext, StageResult
-from .tracking import Tracker, default_tracking_uri, ui_command
+from .tracking import DESCRIPTION_TAG, Tracker, default_tracking_uri, ui_command
 
 
 def _not_a_preflight_failure(task, task_run, state) -> bool:
@@ -28,9 +28,10 @@ def start_run(config: ApoConfig) -> RunContext:
     storage.configure(cfg.storage)
     preflight(cfg, storage.join(cfg.artifact_root, cfg.run_id or ""))  # before any MLflow run or model load
     tracker = Tracker.for_config(cfg)
-    parent = tracker.parent_run(cfg)
+    parent = tracker.parent_run(cfg, tags=review.source_tags())
     ctx = RunContext(config=cfg, tracking_uri=default_tracking_uri(cfg), parent_run_id=parent)
     storage.write_json(cfg.model_dump(mode="json"), storage.join(ctx.run_uri, "config.json"))
+    review.prefect_link(ctx, tracker.experiment_id)
     print(f"[apo] run {cfg.run_id}: artifacts {ctx.run_uri}, MLflow run {parent} at {ctx.tracking_uri}")
     return ctx
 
@@ -70,6 +71,10 @@ def finish_run(ctx: RunContext, results: Sequence[StageResult]) -> dict:
     if summary["data_version"]:
         tracker.set_tags(ctx.parent_run_id, {f"apo.data_version.{k}": v for k, v in summary["data_version"].items()})
     tracker.log_dict(ctx.parent_run_id, summary, "summary.json")
+    text = review.description(summary)
+    tracker.set_tags(ctx.parent_run_id, {DESCRIPTION_TAG: text})
+    review.publish_figures(ctx, tracker, summary, by_stage)
+    review.prefect_summary(ctx, summary, text, tracker.experiment_id)
     tracker.end(ctx.parent_run_id, ok=True)
     storage.write_json(summary, summary["summary_uri"])
     return summary

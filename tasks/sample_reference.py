@@ -29,6 +29,7 @@ from apo_core.rollouts import sample_reference as sample
 from . import storage
 from .faults import failpoint
 from .loading import engine_for, load_model, model_files, read_prompts, recorded_engine
+from .review import Progress, records_dataset
 from .reference_store import ReferenceStore, SampleContext, is_tokenizer_file, is_weight_file
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts, verifier_metrics
 
@@ -161,6 +162,7 @@ def sample_reference(ctx: RunContext, prep: StageResult, fan_out: FanOut | None 
     def body(io: StageIO):
         verifier_before = reward_stats(cfg.reward_name)
         records = read_prompts(prep, "train")
+        io.log_datasets([records_dataset("train", records, prep.outputs["prompts"], "training")])
         store = open_store(cfg)
         keys = {r.prompt_id: store.context.key(r.prompt, r.answer) for r in records}
         metrics: dict[str, float] = {"reference/shards": 0.0, "reference/sampled": 0.0}
@@ -206,7 +208,13 @@ def sample_reference(ctx: RunContext, prep: StageResult, fan_out: FanOut | None 
     def sample_missing(store: ReferenceStore, shards: list[Shard], io: StageIO, metrics: dict[str, float],
                        drawn: dict[str, float]) -> None:
         if fan_out is None:
-            done = sample_shards(cfg, store, shards, range(len(shards)), {}, log=lambda s, m: io.log_metrics(m, step=s))
+            progress = Progress(f"{STAGE}: {len(shards)} shard(s) of reference samples to draw")
+
+            def log(s: int, m: dict[str, float]) -> None:
+                io.log_metrics(m, step=s)
+                progress.update(s + 1, len(shards))
+
+            done = sample_shards(cfg, store, shards, range(len(shards)), {}, log=log)
             for k, v in done.items():
                 drawn[k] = drawn.get(k, 0.0) + v
             return
@@ -234,9 +242,12 @@ def sample_reference_shard(ctx: RunContext, prep: StageResult, shard_ids: list[i
     tracker = ctx.tracker() if mlflow_run_id else None
     before = reward_stats(cfg.reward_name)
 
+    progress = Progress(f"{STAGE}: shards {', '.join(str(s + 1) for s in shard_ids)} of {len(shards)}")
+
     def log(s: int, metrics: dict[str, float]) -> None:
         if tracker is not None:
             tracker.log_metrics(mlflow_run_id, metrics, step=s)
+        progress.update(shard_ids.index(s) + 1, len(shard_ids))
 
     store = open_store(cfg)
     mine = {store.context.key(r.prompt, r.answer) for s in shard_ids for r, _ in shards[s]}

@@ -123,12 +123,18 @@ class StageIO:
     tracker: Tracker
     mlflow_run_id: str
     fingerprint: str = ""
+    parent_run_id: str | None = None
 
     def path(self, *names: str) -> str:
         return storage.join(self.uri, *names)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(self.mlflow_run_id, metrics, step)
+
+    def log_datasets(self, datasets) -> None:
+        """Dataset inputs (tracking.DatasetRef) of this stage's run and of the pipeline run."""
+        for run in filter(None, (self.mlflow_run_id, self.parent_run_id)):
+            self.tracker.log_datasets(run, datasets)
 
 
 def completed(ctx: RunContext, stage: str, fp: str) -> StageResult | None:
@@ -166,8 +172,8 @@ def run_stage(
     print(f"[{stage}] started -> {uri}")
     start = time.perf_counter()
     try:
-        with PeakRSS().measure() as rss:
-            metrics, outputs = body(StageIO(uri, tracker, mlflow_run, fp))
+        with PeakRSS().measure() as rss, tracker.system_metrics(mlflow_run, ctx.config.tracking.system_metrics_interval_s):
+            metrics, outputs = body(StageIO(uri, tracker, mlflow_run, fp, ctx.parent_run_id))
     except BaseException:
         tracker.end(mlflow_run, ok=False)
         raise

@@ -1,15 +1,21 @@
 """MLflow tracking through explicit run ids (MlflowClient), so any thread or process of a
 pipeline run can log into its parent run and its own stage run.
 
-Layout: experiment `apo`; one parent run per pipeline run (tag apo.run_id, resolved config as
-params and config.json); one nested run per stage, named after the stage.
+Layout: experiment `apo` (tagged as model training, so MLflow's UI opens it on runs and charts);
+one parent run per pipeline run (tag apo.run_id, resolved config as params and config.json, the
+run's summary as its description); one nested run per stage, named after the stage. Data sets are
+dataset inputs of the runs that read them, the trained model a logged model (transformers flavour)
+of train_online and the parent run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 from .config import ApoConfig
 
@@ -18,6 +24,31 @@ from . import storage
 RUN_ID_TAG = "apo.run_id"
 STAGE_TAG = "apo.stage"
 ROLE_TAG = "apo.role"  # "pipeline" on parent runs, "stage" on nested ones
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's description (markdown)
+# MLflow 3.17's UI opens an experiment without this tag in its GenAI view (traces, judges, prompts)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+DIGEST_CHARS = 16  # of a sha256 hex digest, as a dataset digest (MLflow keeps at most 36 characters)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A table as an MLflow dataset input: its name, the digest of its content, where it lives,
+    its rows and columns, and the run's use of it (`context`: training, evaluation, ...)."""
+
+    name: str
+    digest: str
+    source: str
+    rows: int
+    columns: dict[str, str]  # column -> polars dtype name
+    context: str
+
+    @classmethod
+    def of_frame(cls, name: str, digest: str, source: str, frame, context: str) -> "DatasetRef":
+        return cls(name, digest[:DIGEST_CHARS], source, frame.height, {c: str(t) for c, t in frame.schema.items()}, context)
+
+
+_MLFLOW_TYPES = {"String": "string", "Int64": "long", "Int32": "integer", "Float64": "double", "Float32": "float",
+                 "Boolean": "boolean"}
 
 
 def default_tracking_uri(cfg: ApoConfig) -> str:
@@ -61,6 +92,8 @@ class Tracker:
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
             self.experiment_id = found.experiment_id
+        if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     @classmethod
     def for_config(cls, cfg: ApoConfig) -> "Tracker":
@@ -70,8 +103,9 @@ class Tracker:
             location = (storage.local_path(cfg.artifact_root) / "mlartifacts").as_uri()
         return cls(uri, cfg.tracking.experiment, location)
 
-    def parent_run(self, cfg: ApoConfig) -> str:
-        """The pipeline run for cfg.run_id: reused when it exists (resume), else created."""
+    def parent_run(self, cfg: ApoConfig, tags: dict[str, str] | None = None) -> str:
+        """The pipeline run for cfg.run_id: reused when it exists (resume), else created; `tags`
+        (where the code and the orchestrator run came from) are set either way."""
         existing = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{cfg.run_id}' and tags.`{ROLE_TAG}` = 'pipeline'",
             max_results=1, order_by=["attributes.start_time ASC"]
@@ -79,8 +113,11 @@ class Tracker:
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            if tags:
+                self.set_tags(run_id, tags)
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=cfg.run_id, tags={RUN_ID_TAG: cfg.run_id, ROLE_TAG: "pipeline"})
+        run = self.client.create_run(self.experiment_id, run_name=cfg.run_id,
+                                     tags={**(tags or {}), RUN_ID_TAG: cfg.run_id, ROLE_TAG: "pipeline"})
         resolved = cfg.model_dump(mode="json")
         self.log_params(run.info.run_id, flatten(resolved))
         self.client.log_dict(run.info.run_id, resolved, "config.json")
@@ -105,11 +142,15 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None, model_id: str | None = None,
+                    dataset: DatasetRef | None = None) -> None:
+        """`model_id` / `dataset`: the logged model and data set the metrics were measured on
+        (shown on the model's page)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        on = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+        items = [Metric(k, float(v), now, step or 0, model_id=model_id, **on) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
@@ -124,6 +165,68 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_datasets(self, run_id: str, datasets: Sequence[DatasetRef]) -> None:
+        """`datasets` as dataset inputs of the run (source, digest, rows, schema; the use as the
+        input's context tag)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for d in datasets:
+            schema = {"mlflow_colspec": [{"type": _MLFLOW_TYPES.get(t, "string"), "name": c, "required": True}
+                                         for c, t in d.columns.items()]}
+            source_type = "s3" if d.source.startswith("s3://") else "local" if "://" not in d.source else "http"
+            entity = Dataset(d.name, d.digest, source_type, json.dumps({"uri": d.source}), json.dumps(schema),
+                             json.dumps({"num_rows": d.rows}))
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", d.context)]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(self, run_id: str, folder: Path, also_runs: Sequence[str] = ()) -> str:
+        """The transformers checkpoint in `folder` as a logged model `model` of run `run_id`
+        (one copy of its files, in the model's artifact location), also shown on `also_runs`;
+        returns its id: load it with mlflow.transformers.load_model("models:/<id>")."""
+        import huggingface_hub
+        import mlflow
+        import torch
+        import transformers
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        model = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id,
+                                                tags={ROLE_TAG: "policy"})
+        card = huggingface_hub.ModelCard("---\nlicense: other\n---\nA policy trained with A*-PO by apo; its run has the "
+                                         "configuration, data sets and evaluation.\n")  # no hub lookup for a card
+        requirements = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+        with _use_tracking_uri(self.tracking_uri):  # MLflow's flavour API reads the process-wide URI
+            mlflow.transformers.log_model(str(folder), name="model", task="text-generation", run_id=run_id,
+                                          model_id=model.model_id, model_card=card, pip_requirements=requirements)
+        for other in also_runs:
+            self.client.log_outputs(other, [LoggedModelOutput(model.model_id, step=0)])
+        return model.model_id
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
+        """CPU, memory, disk, network (and GPU where pynvml finds one) as system/* metrics of the
+        run every `interval_s` seconds while the block runs; 0: none."""
+        if interval_s <= 0:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            if monitor._logging_step == 0:  # the block ended inside the first interval: log the sample taken at its start
+                with contextlib.suppress(Exception):
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
 
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
@@ -140,9 +243,9 @@ class Tracker:
         found = self.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
         return sorted(found, key=lambda v: int(v.version), reverse=True)
 
-    def register_version(self, model_name: str, source: str, run_id: str, tags: dict[str, Any]):
-        """A new version of `model_name` pointing at `source` (no copy of the files is made);
-        the registered model is created on first use."""
+    def register_version(self, model_name: str, source: str, run_id: str, tags: dict[str, Any], model_id: str | None = None):
+        """A new version of `model_name` pointing at `source` (no copy of the files is made), from
+        logged model `model_id` when given; the registered model is created on first use."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -150,7 +253,8 @@ class Tracker:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        return self.client.create_model_version(model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        return self.client.create_model_version(model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                                model_id=model_id)
 
     def version_by_alias(self, model_name: str, alias: str):
         """The version holding `alias`, or None when no version does (or the model is not registered yet)."""

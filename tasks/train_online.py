@@ -31,6 +31,7 @@ from . import storage
 from .loading import engine_for, load_model, read_prompts
 from .faults import failpoint
 from .preflight import check_vstar_belongs
+from .review import Progress, records_dataset, table_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts, verifier_metrics
 
 # Fields that may change between a run and its resume without invalidating checkpoints.
@@ -167,12 +168,21 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
             ckpt_dir = storage.localize_dir(io.path("checkpoints"))
         remote_ckpts = None if storage.is_local(io.uri) else io.path("checkpoints")
 
+        io.log_datasets([records_dataset("train", train_records, prep.outputs["prompts"], "training"),
+                         table_dataset("reference_samples", storage.join(ctx.stage_uri("sample_reference"), "samples.parquet"), "reference"),
+                         table_dataset("vstar", vstar.outputs["vstar"], "training")])
+        progress = Progress(f"train_online: {cfg.train.steps} steps")
+
+        def log_step(metrics: dict[str, float], step: int) -> None:
+            io.log_metrics(metrics, step)
+            progress.update(step, cfg.train.steps)
+
         if cfg.train.deepspeed is not None and "WORLD_SIZE" not in os.environ:
             out = launch_ranks(cfg, prompts, work, ckpt_dir, resume_fp, remote_ckpts)
             for row in out["history"]:  # the ranks do not talk to MLflow; their step metrics are logged here
-                io.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
+                log_step({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
         else:
-            out = train_here(cfg, prompts, work, ckpt_dir, resume_fp, remote_ckpts, log_metrics=io.log_metrics)
+            out = train_here(cfg, prompts, work, ckpt_dir, resume_fp, remote_ckpts, log_metrics=log_step)
         history, samples = out["history"], out["samples"]
 
         outputs = {"model": io.path("model"), "metrics": io.path("metrics.parquet")}
@@ -184,7 +194,9 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
         if samples:
             storage.write_parquet(pl.DataFrame(samples), io.path("samples.parquet"))
             io.tracker.log_table(io.mlflow_run_id, samples, "train_samples.json")
-        io.tracker.log_artifacts(io.mlflow_run_id, work / "model", "model")
+        # the MLflow copy of the weights is the logged model (transformers flavour), shown on both runs
+        model_id = io.tracker.log_model(io.mlflow_run_id, work / "model", also_runs=[ctx.parent_run_id])
+        outputs["mlflow_model"] = f"models:/{model_id}"
         last = history[-10:]
         metrics = {
             "train/steps": float(out["steps"]),

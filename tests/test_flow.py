@@ -106,8 +106,74 @@ def test_mlflow_parent_and_nested_stage_runs(first_run):
         assert key in train.data.metrics
     assert "vstar/mean" in by_name["aggregate_vstar"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
-    assert "model" in artifacts and "train_samples.json" in artifacts
+    # the weights' one MLflow copy is the logged model (test_review_surfaces...), not a run artifact
+    assert "train_samples.json" in artifacts and "model" not in artifacts
     assert {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)} >= {"eval_results.json"}
+
+
+def test_review_surfaces_on_the_local_store(first_run):
+    """What a reviewer opens in MLflow's UI, read back through the client: the experiment kind,
+    the description, dataset inputs with their digests, the logged model (loaded back), figures
+    (also under the artifact root), the per-prompt evaluation table and system metrics."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from apo_core.data import data_version
+    from tasks.loading import read_prompts
+    from tasks.stage import StageResult
+
+    cfg, summary = first_run
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    exp = client.get_experiment_by_name("apo")
+    assert exp.tags["mlflow.experimentKind"] == "finetuning"
+    parent = client.get_run(summary["mlflow_run_id"])
+    note = parent.data.tags["mlflow.note.content"]
+    ref, trained = summary["reference_accuracy"], summary["trained_accuracy"]
+    assert note.splitlines()[0] == f"Held-out accuracy: reference {100 * ref:.1f}% -> trained {100 * trained:.1f}%"
+    assert "| stage | status | seconds | peak RSS (MB) |" in note and "V*: 24 prompts" in note
+    assert parent.data.tags["mlflow.source.name"] == "flows/apo.py:apo"
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+    assert parent.data.tags["apo.prefect.flow_run_id"]
+
+    prep = StageResult.model_validate(json.loads(open(f"{cfg.artifact_root}/flowtest/preprocess/_COMPLETE.json").read()))
+    versions = {s: data_version(read_prompts(prep, s))[:16] for s in ("train", "test")}
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert {"train", "test", "reference_samples", "vstar"} <= set(inputs)
+    assert inputs["train"].dataset.digest == versions["train"] and inputs["test"].dataset.digest == versions["test"]
+    assert json.loads(inputs["train"].dataset.profile)["num_rows"] == 24
+    assert [c["name"] for c in json.loads(inputs["vstar"].dataset.schema)["mlflow_colspec"]][:2] == ["prompt_id", "n"]
+    stage_runs = summary["mlflow_stage_runs"]
+    train_inputs = {d.dataset.name for d in client.get_run(stage_runs["train_online"]).inputs.dataset_inputs}
+    assert train_inputs == {"train", "reference_samples", "vstar"}
+
+    (output,) = client.get_run(stage_runs["train_online"]).outputs.model_outputs
+    assert [o.model_id for o in parent.outputs.model_outputs] == [output.model_id]
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == stage_runs["train_online"] and str(model.status) in ("READY", "LoggedModelStatus.READY")
+    linked = [m for m in model.metrics or [] if m.key == "eval/trained_accuracy"]
+    assert linked and linked[0].value == trained and linked[0].dataset_digest == versions["test"]
+    with _use_tracking_uri(summary["mlflow_tracking_uri"]):
+        pipe = mlflow.transformers.load_model(f"models:/{output.model_id}")
+    assert pipe.model.num_parameters() == sum(p.numel() for p in pipe.model.parameters()) > 0
+    assert pipe.tokenizer("1+1=")["input_ids"]
+
+    root = f"{cfg.artifact_root}/flowtest/figures"
+    for name in ("stages", "vstar", "training", "accuracy"):
+        with open(f"{root}/{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "figures")} == {
+        f"figures/{n}.png" for n in ("stages", "vstar", "training", "accuracy")}
+    assert {a.path for a in client.list_artifacts(stage_runs["aggregate_vstar"], "figures")} == {"figures/vstar.png"}
+
+    local = client.download_artifacts(stage_runs["evaluate"], "eval_results.json")
+    table = json.loads(open(local).read())
+    columns = table["columns"]
+    assert {"prompt", "gold", "reference_response", "reference_reward", "trained_response", "trained_reward"} <= set(columns)
+    assert len(table["data"]) == 12  # one row per held-out prompt
+    for stage in ("sample_reference", "train_online"):
+        keys = client.get_run(stage_runs[stage]).data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(keys), stage
 
 
 def test_rerun_same_id_recomputes_nothing(first_run, tiny_model_dir):
