@@ -253,8 +253,11 @@ class Tracker:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        return self.client.create_model_version(model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                                model_id=model_id)
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(self.tracking_uri):  # a local registry store resolves models:/<id> through the process-wide URI
+            return self.client.create_model_version(model_name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                                    model_id=model_id)
 
     def version_by_alias(self, model_name: str, alias: str):
         """The version holding `alias`, or None when no version does (or the model is not registered yet)."""

@@ -207,7 +207,9 @@ def test_pipeline_registers_and_a_worse_retrain_keeps_the_champion(prefect_api, 
     client = MlflowClient(uri)
     mv = client.get_model_version_by_alias("tiny", CHAMPION)
     assert str(mv.version) == "1" and mv.run_id == first["mlflow_run_id"]
-    assert mv.source == (tmp_path / "nightly-1" / "train_online" / "model").resolve().as_uri()
+    # from the run's logged model (its one MLflow copy of the weights, immutable), not the mutable folder
+    (output,) = client.get_run(first["mlflow_stage_runs"]["train_online"]).outputs.model_outputs
+    assert mv.source == f"models:/{output.model_id}"  # (the SQL registry store keeps no model_id column)
     assert (tmp_path / "nightly-1" / "train_online" / "model" / "model.safetensors").exists()
 
     # the retrain is forced to score lower on the champion's tag: the champion's recorded score
