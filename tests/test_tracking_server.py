@@ -3,6 +3,8 @@ runs and registry in the server's SQLite, artifacts in the S3 bucket), with its 
 the same bucket. What the server shows is read through its REST API, what was stored from the
 bucket itself."""
 
+import json
+
 import pytest
 import requests
 
@@ -59,11 +61,15 @@ def test_mlflow_artifacts_are_objects_in_the_bucket(server_run, mlflow_server):
     where = {name: rest(mlflow_server, "GET", "runs/get", params={"run_id": run_id})["run"]["info"]["artifact_uri"]
              for name, run_id in runs.items()}
     assert all(uri.startswith("s3://apo-test/mlflow/") for uri in where.values()), where
-    expected = {"parent": ("summary.json", "config.json"), "train_online": ("train_samples.json", "model/model.safetensors"),
+    expected = {"parent": ("summary.json", "config.json", "figures/stages.png"), "train_online": ("train_samples.json",),
                 "evaluate": ("eval_results.json",)}
     for name, files in expected.items():
         for file in files:
             assert fs.exists(f"{where[name].removeprefix('s3://')}/{file}"), (name, file)
+    (output,) = rest(mlflow_server, "GET", "runs/get", params={"run_id": runs["train_online"]})["run"]["outputs"]["model_outputs"]
+    model_uri = rest(mlflow_server, "GET", f"logged-models/{output['model_id']}")["model"]["info"]["artifact_uri"]
+    assert fs.exists(f"{model_uri.removeprefix('s3://')}/model/model.safetensors")  # the logged model's one copy
+    assert not fs.exists(f"{where['train_online'].removeprefix('s3://')}/model")
     summary = fs.cat_file(f"{where['parent'].removeprefix('s3://')}/summary.json")
     assert b'"run_id": "served"' in summary
     # listing through the server works too (the client lists the bucket with the location it was given)
@@ -101,7 +107,74 @@ def test_the_model_is_registered_on_the_server_from_the_bucket(server_run, mlflo
     alias = rest(mlflow_server, "GET", "registered-models/alias", params={"name": "served-model", "alias": "champion"})
     version = alias["model_version"]
     assert version["version"] == "1" and version["run_id"] == server_run["mlflow_run_id"]
-    assert version["source"] == "s3://apo-test/served/served/train_online/model"  # the artifact root's copy, not a second upload
+    (output,) = rest(mlflow_server, "GET", "runs/get", params={"run_id": server_run["mlflow_stage_runs"]["train_online"]})[
+        "run"]["outputs"]["model_outputs"]
+    assert version["source"] == f"models:/{output['model_id']}"  # the logged model: MLflow's one copy of the weights
     assert server_run["registry"]["decision"] == "first"
     tags = as_dict(version.get("tags"))
     assert float(tags["apo.score.heldout"]) == server_run["trained_accuracy"]
+
+
+def test_review_surfaces_through_the_rest_api(server_run, mlflow_server):
+    """What MLflow's UI reads, through the server's REST API: the experiment kind, the run's
+    description and sources, dataset inputs with digests, the logged model (and loading it back),
+    figures, the per-prompt table, system metrics; and the Prefect artifacts of the flow run."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    experiment = rest(mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "apo"})["experiment"]
+    assert as_dict(experiment.get("tags"))["mlflow.experimentKind"] == "finetuning"
+    parent = rest(mlflow_server, "GET", "runs/get", params={"run_id": server_run["mlflow_run_id"]})["run"]
+    tags = as_dict(parent["data"]["tags"])
+    first = tags["mlflow.note.content"].splitlines()[0]
+    assert first == (f"Held-out accuracy: reference {100 * server_run['reference_accuracy']:.1f}% -> "
+                     f"trained {100 * server_run['trained_accuracy']:.1f}%")
+    assert tags["mlflow.source.name"] == "flows/apo.py:apo" and tags["apo.prefect.flow_run_id"]
+    inputs = {d["dataset"]["name"]: d for d in parent["inputs"]["dataset_inputs"]}
+    assert {"train", "test", "reference_samples", "vstar"} <= set(inputs)
+    assert inputs["train"]["dataset"]["digest"] == server_run["data_version"]["train"][:16]
+    assert inputs["vstar"]["dataset"]["source_type"] == "s3"
+    assert as_dict(inputs["train"].get("tags"))["mlflow.data.context"] == "training"
+
+    stage_runs = server_run["mlflow_stage_runs"]
+    train = rest(mlflow_server, "GET", "runs/get", params={"run_id": stage_runs["train_online"]})["run"]
+    (output,) = train["outputs"]["model_outputs"]
+    assert [o["model_id"] for o in parent["outputs"]["model_outputs"]] == [output["model_id"]]
+    model = rest(mlflow_server, "GET", f"logged-models/{output['model_id']}")["model"]
+    assert model["info"]["source_run_id"] == stage_runs["train_online"]
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    assert model["info"]["artifact_uri"].startswith("s3://apo-test/mlflow/")
+    with _use_tracking_uri(mlflow_server):
+        pipe = mlflow.transformers.load_model(f"models:/{output['model_id']}")
+    assert pipe.model.config.hidden_size == 64  # the tiny model it trained
+
+    listed = rest(mlflow_server, "GET", "artifacts/list", params={"run_id": parent["info"]["run_id"], "path": "figures"})
+    assert {f["path"] for f in listed["files"]} == {f"figures/{n}.png" for n in ("stages", "vstar", "training", "accuracy")}
+    listed = rest(mlflow_server, "GET", "artifacts/list", params={"run_id": stage_runs["evaluate"]})
+    assert "eval_results.json" in {f["path"] for f in listed["files"]}
+    for stage in ("sample_reference", "train_online"):
+        metrics = rest(mlflow_server, "GET", "runs/get", params={"run_id": stage_runs[stage]})["run"]["data"]["metrics"]
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= {m["key"] for m in metrics}, stage
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    import asyncio
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[tags["apo.prefect.flow_run_id"]])))
+
+    by_type = {}
+    for artifact in asyncio.run(artifacts()):
+        by_type.setdefault(artifact.type, []).append(artifact)
+    (summary,) = [a for a in by_type["markdown"] if a.key == "apo-summary-served"]
+    assert first in summary.data and "| stage | status | seconds | peak RSS (MB) |" in summary.data
+    assert f"/#/experiments/{experiment['experiment_id']}/runs/{parent['info']['run_id']}" in summary.data
+    (times,) = [a for a in by_type["table"] if a.key == "apo-stage-times-served"]
+    assert [row["stage"] for row in json.loads(times.data)] == list(server_run["stage_seconds"])
+    (link,) = [a for a in by_type["markdown"] if a.key == "apo-mlflow-served"]  # Prefect stores links as markdown
+    assert f"/runs/{parent['info']['run_id']})" in link.data
+    progress = {a.description.split(":")[0]: a.data for a in by_type["progress"]}
+    assert progress == {"sample_reference": 100.0, "train_online": 100.0}
