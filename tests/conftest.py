@@ -144,3 +144,67 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_ui(tmp_path_factory):
+    """A real Prefect server with its UI, on loopback (`prefect server start`, its own home and
+    SQLite database), for tests that look at what the UI shows. Yields its base URL; the API is
+    under `<url>/api`."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-ui")
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(home / "home"), "PREFECT_UI_ENABLED": "true",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # SQLite on a busy 2-core machine: wait for the write lock instead of answering 503
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60", "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
+    })
+    prefect_cli = Path(sys.executable).parent / "prefect"
+    log = open(home / "server.log", "wb")
+    server = subprocess.Popen([str(prefect_cli), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+
+    def failed(reason: str) -> None:
+        os.killpg(server.pid, signal.SIGKILL)
+        tail = (home / "server.log").read_text(errors="replace")[-2000:]
+        pytest.fail(f"Prefect server did not start on {url}: {reason}\n{tail}")
+
+    wait_for_http(f"{url}/api/health", server, 180, failed, poll=0.5)  # a new database is migrated first
+    try:
+        yield url
+    finally:
+        try:  # `prefect server start` runs uvicorn and its services as children: end the whole group
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def served_run(prefect_ui, mlflow_server, tiny_model_dir):
+    """The tiny pipeline once for the session, tracked on the `mlflow_server` fixture (artifacts and
+    registry included) and orchestrated by the `prefect_ui` server, so both UIs can show it.
+    Returns the flow's summary dict."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from flows.apo import apo
+    from tests.test_flow import tiny_config
+
+    cfg = tiny_config("s3://apo-test/served", tiny_model_dir, **{
+        "run_id": "served", "train.steps": 2, "tracking.mlflow_tracking_uri": mlflow_server,
+        "registry.enabled": "true", "registry.model_name": "served-model"})
+    with temporary_settings(updates={PREFECT_API_URL: f"{prefect_ui}/api", PREFECT_UI_URL: prefect_ui}):
+        return apo(config=cfg)

@@ -5,10 +5,9 @@ bucket itself."""
 
 import json
 
-import pytest
 import requests
 
-from tests.test_flow import STAGE_FILES, tiny_config
+from tests.test_flow import STAGE_FILES
 
 SECRETS = ("apo-test-secret", "apo-test-key")  # the keys the s3_endpoint fixture puts in the environment
 
@@ -23,24 +22,14 @@ def as_dict(pairs):
     return {p["key"]: p["value"] for p in pairs or []}
 
 
-@pytest.fixture(scope="module")
-def server_run(prefect_api, mlflow_server, tiny_model_dir):
-    from flows.apo import apo
-
-    cfg = tiny_config("s3://apo-test/served", tiny_model_dir, **{
-        "run_id": "served", "train.steps": 2, "tracking.mlflow_tracking_uri": mlflow_server,
-        "registry.enabled": "true", "registry.model_name": "served-model"})
-    return apo(config=cfg)
-
-
-def test_server_shows_the_parent_and_one_nested_run_per_stage(server_run, mlflow_server):
+def test_server_shows_the_parent_and_one_nested_run_per_stage(served_run, mlflow_server):
     experiment = rest(mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "apo"})["experiment"]
     runs = rest(mlflow_server, "POST", "runs/search", json={
         "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`apo.run_id` = 'served'"})["runs"]
     parents = [r for r in runs if as_dict(r["data"].get("tags")).get("apo.role") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent["info"]["run_id"] == server_run["mlflow_run_id"] and parent["info"]["status"] == "FINISHED"
+    assert parent["info"]["run_id"] == served_run["mlflow_run_id"] and parent["info"]["status"] == "FINISHED"
     assert as_dict(parent["data"].get("params"))["train.steps"] == "2"
     assert "eval/trained_accuracy" in {m["key"] for m in parent["data"]["metrics"]}
     children = [r for r in runs if as_dict(r["data"].get("tags")).get("mlflow.parentRunId") == parent["info"]["run_id"]]
@@ -52,12 +41,12 @@ def test_server_shows_the_parent_and_one_nested_run_per_stage(server_run, mlflow
     assert [m["step"] for m in history["metrics"]] == [1, 2]
 
 
-def test_mlflow_artifacts_are_objects_in_the_bucket(server_run, mlflow_server):
+def test_mlflow_artifacts_are_objects_in_the_bucket(served_run, mlflow_server):
     """--no-serve-artifacts: the server hands out s3:// locations and the pipeline wrote there itself."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    runs = {"parent": server_run["mlflow_run_id"], **server_run["mlflow_stage_runs"]}
+    runs = {"parent": served_run["mlflow_run_id"], **served_run["mlflow_stage_runs"]}
     where = {name: rest(mlflow_server, "GET", "runs/get", params={"run_id": run_id})["run"]["info"]["artifact_uri"]
              for name, run_id in runs.items()}
     assert all(uri.startswith("s3://apo-test/mlflow/") for uri in where.values()), where
@@ -78,7 +67,7 @@ def test_mlflow_artifacts_are_objects_in_the_bucket(server_run, mlflow_server):
     assert {"summary.json", "config.json"} <= {a.path for a in MlflowClient(mlflow_server).list_artifacts(runs["parent"])}
 
 
-def test_stage_artifacts_are_under_the_artifact_root(server_run):
+def test_stage_artifacts_are_under_the_artifact_root(served_run):
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -86,13 +75,13 @@ def test_stage_artifacts_are_under_the_artifact_root(server_run):
         assert fs.exists(f"apo-test/served/served/{stage}/{name}"), stage
         assert fs.exists(f"apo-test/served/served/{stage}/_COMPLETE.json"), stage
     assert fs.exists("apo-test/served/served/summary.json")
-    assert server_run["artifacts"]["train_online"] == "s3://apo-test/served/served/train_online"
+    assert served_run["artifacts"]["train_online"] == "s3://apo-test/served/served/train_online"
 
 
-def test_no_aws_secret_reaches_mlflow_params_or_tags(server_run, mlflow_server):
+def test_no_aws_secret_reaches_mlflow_params_or_tags(served_run, mlflow_server):
     import s3fs
 
-    runs = {"parent": server_run["mlflow_run_id"], **server_run["mlflow_stage_runs"]}
+    runs = {"parent": served_run["mlflow_run_id"], **served_run["mlflow_stage_runs"]}
     for name, run_id in runs.items():
         data = rest(mlflow_server, "GET", "runs/get", params={"run_id": run_id})["run"]["data"]
         for key, value in {**as_dict(data.get("params")), **as_dict(data.get("tags"))}.items():
@@ -103,19 +92,19 @@ def test_no_aws_secret_reaches_mlflow_params_or_tags(server_run, mlflow_server):
             assert not any(s.encode() in fs.cat_file(path) for s in SECRETS), path
 
 
-def test_the_model_is_registered_on_the_server_from_the_bucket(server_run, mlflow_server):
+def test_the_model_is_registered_on_the_server_from_the_bucket(served_run, mlflow_server):
     alias = rest(mlflow_server, "GET", "registered-models/alias", params={"name": "served-model", "alias": "champion"})
     version = alias["model_version"]
-    assert version["version"] == "1" and version["run_id"] == server_run["mlflow_run_id"]
-    (output,) = rest(mlflow_server, "GET", "runs/get", params={"run_id": server_run["mlflow_stage_runs"]["train_online"]})[
+    assert version["version"] == "1" and version["run_id"] == served_run["mlflow_run_id"]
+    (output,) = rest(mlflow_server, "GET", "runs/get", params={"run_id": served_run["mlflow_stage_runs"]["train_online"]})[
         "run"]["outputs"]["model_outputs"]
     assert version["source"] == f"models:/{output['model_id']}"  # the logged model: MLflow's one copy of the weights
-    assert server_run["registry"]["decision"] == "first"
+    assert served_run["registry"]["decision"] == "first"
     tags = as_dict(version.get("tags"))
-    assert float(tags["apo.score.heldout"]) == server_run["trained_accuracy"]
+    assert float(tags["apo.score.heldout"]) == served_run["trained_accuracy"]
 
 
-def test_review_surfaces_through_the_rest_api(server_run, mlflow_server):
+def test_review_surfaces_through_the_rest_api(served_run, mlflow_server, prefect_ui):
     """What MLflow's UI reads, through the server's REST API: the experiment kind, the run's
     description and sources, dataset inputs with digests, the logged model (and loading it back),
     figures, the per-prompt table, system metrics; and the Prefect artifacts of the flow run."""
@@ -124,19 +113,19 @@ def test_review_surfaces_through_the_rest_api(server_run, mlflow_server):
 
     experiment = rest(mlflow_server, "GET", "experiments/get-by-name", params={"experiment_name": "apo"})["experiment"]
     assert as_dict(experiment.get("tags"))["mlflow.experimentKind"] == "finetuning"
-    parent = rest(mlflow_server, "GET", "runs/get", params={"run_id": server_run["mlflow_run_id"]})["run"]
+    parent = rest(mlflow_server, "GET", "runs/get", params={"run_id": served_run["mlflow_run_id"]})["run"]
     tags = as_dict(parent["data"]["tags"])
     first = tags["mlflow.note.content"].splitlines()[0]
-    assert first == (f"Held-out accuracy: reference {100 * server_run['reference_accuracy']:.1f}% -> "
-                     f"trained {100 * server_run['trained_accuracy']:.1f}%")
+    assert first == (f"Held-out accuracy: reference {100 * served_run['reference_accuracy']:.1f}% -> "
+                     f"trained {100 * served_run['trained_accuracy']:.1f}%")
     assert tags["mlflow.source.name"] == "flows/apo.py:apo" and tags["apo.prefect.flow_run_id"]
     inputs = {d["dataset"]["name"]: d for d in parent["inputs"]["dataset_inputs"]}
     assert {"train", "test", "reference_samples", "vstar"} <= set(inputs)
-    assert inputs["train"]["dataset"]["digest"] == server_run["data_version"]["train"][:16]
+    assert inputs["train"]["dataset"]["digest"] == served_run["data_version"]["train"][:16]
     assert inputs["vstar"]["dataset"]["source_type"] == "s3"
     assert as_dict(inputs["train"].get("tags"))["mlflow.data.context"] == "training"
 
-    stage_runs = server_run["mlflow_stage_runs"]
+    stage_runs = served_run["mlflow_stage_runs"]
     train = rest(mlflow_server, "GET", "runs/get", params={"run_id": stage_runs["train_online"]})["run"]
     (output,) = train["outputs"]["model_outputs"]
     assert [o["model_id"] for o in parent["outputs"]["model_outputs"]] == [output["model_id"]]
@@ -156,13 +145,13 @@ def test_review_surfaces_through_the_rest_api(server_run, mlflow_server):
         metrics = rest(mlflow_server, "GET", "runs/get", params={"run_id": stage_runs[stage]})["run"]["data"]["metrics"]
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= {m["key"] for m in metrics}, stage
 
-    from prefect.client.orchestration import get_client
+    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     import asyncio
 
     async def artifacts():
-        async with get_client() as client:
+        async with PrefectClient(f"{prefect_ui}/api") as client:  # the server served_run ran on
             return await client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[tags["apo.prefect.flow_run_id"]])))
 
@@ -173,7 +162,7 @@ def test_review_surfaces_through_the_rest_api(server_run, mlflow_server):
     assert first in summary.data and "| stage | status | seconds | peak RSS (MB) |" in summary.data
     assert f"/#/experiments/{experiment['experiment_id']}/runs/{parent['info']['run_id']}" in summary.data
     (times,) = [a for a in by_type["table"] if a.key == "apo-stage-times-served"]
-    assert [row["stage"] for row in json.loads(times.data)] == list(server_run["stage_seconds"])
+    assert [row["stage"] for row in json.loads(times.data)] == list(served_run["stage_seconds"])
     (link,) = [a for a in by_type["markdown"] if a.key == "apo-mlflow-served"]  # Prefect stores links as markdown
     assert f"/runs/{parent['info']['run_id']})" in link.data
     progress = {a.description.split(":")[0]: a.data for a in by_type["progress"]}
