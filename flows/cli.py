@@ -243,7 +243,7 @@ def _evaluate(args) -> int:
     from tasks.evaluate import benchmark_sets, evaluate_models
 
     try:
-        sets = benchmark_sets(cfg, load_tokenizer(cfg.model.path))
+        sets, _ = benchmark_sets(cfg, load_tokenizer(cfg.model.path))
     except (ValueError, FileNotFoundError) as exc:
         print(f"apo: {exc}", file=sys.stderr)
         return 2
