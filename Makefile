@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test venv clean bench-env
+.PHONY: run test venv clean bench-env screenshots
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The review pages (MLflow's run page, metrics chart and artifact viewer; Prefect's flow-run summary)
+# in a headless Chromium, their screenshots saved to docs/screenshots/ (tests/test_review_browser.py).
+screenshots: $(STAMP)
+	mkdir -p docs/screenshots
+	APO_SCREENSHOTS_DIR=docs/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_review_browser.py
 
 clean:
 	rm -rf $(VENV) .apo

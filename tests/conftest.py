@@ -162,6 +162,8 @@ def prefect_ui(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
         "PREFECT_HOME": str(home / "home"), "PREFECT_UI_ENABLED": "true",
+        # the UI's pages call this address; by default it is built from PREFECT_SERVER_API_PORT (4200), not --port
+        "PREFECT_UI_API_URL": f"{url}/api",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # SQLite on a busy 2-core machine: wait for the write lock instead of answering 503
@@ -208,3 +210,20 @@ def served_run(prefect_ui, mlflow_server, tiny_model_dir):
         "registry.enabled": "true", "registry.model_name": "served-model"})
     with temporary_settings(updates={PREFECT_API_URL: f"{prefect_ui}/api", PREFECT_UI_URL: prefect_ui}):
         return apo(config=cfg)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (tests/helpers/browser.py). The system's chromium and
+    chromedriver are part of what CI provides: missing, they fail the test, never skip it."""
+    from tests.helpers.browser import Browser, missing_programs
+
+    missing = missing_programs()
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not on PATH: .ci/run installs them "
+                    "(apt-get install chromium chromium-driver)", pytrace=False)
+    session = Browser()
+    try:
+        yield session
+    finally:
+        session.close()
