@@ -17,7 +17,7 @@ os.environ.setdefault("APO_CACHE_DIR", os.path.join(_PREFECT_HOME, "apo-cache"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers.servers import free_port, wait_for_http  # noqa: E402
+from tests.helpers.servers import free_port, stop_group, wait_for_http  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -132,17 +132,7 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
             os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
         else:
             os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
-        import signal
-
-        try:  # the server forks uvicorn workers: end its whole process group
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server)  # the server forks uvicorn workers
         log.close()
 
 
@@ -183,15 +173,7 @@ def prefect_ui(tmp_path_factory):
     try:
         yield url
     finally:
-        try:  # `prefect server start` runs uvicorn and its services as children: end the whole group
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server)  # uvicorn and the server's services are its children
         log.close()
 
 

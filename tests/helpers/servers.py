@@ -31,3 +31,20 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, on_failure: 
             if time.monotonic() > deadline:
                 on_failure(f"{url} did not answer within {timeout:.0f} s")
             time.sleep(poll)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """End a server started with start_new_session=True and every process it forked (uvicorn
+    workers, services): SIGTERM to its group, SIGKILL after `grace` seconds."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
