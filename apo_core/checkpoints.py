@@ -88,6 +88,22 @@ def save(trainer: OnlineTrainer, checkpoint_dir: Path, before_publish: Callable[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     trainer.barrier()
+    try:
+        _write(trainer, tmp, final, lead, before_publish)
+    except BaseException:
+        if lead:  # a failed write (a full disk most often) leaves no partial folder taking space
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if lead:
+        for old in list_checkpoints(checkpoint_dir)[: -trainer.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    trainer.barrier()
+    trainer.last_checkpoint = final
+    return final
+
+
+def _write(trainer: OnlineTrainer, tmp: Path, final: Path, lead: bool, before_publish: Callable[[Path], None] | None) -> None:
+    """Every file of one checkpoint into `tmp`, then the rename to `final`."""
     position = trainer.data_position(trainer.n_prompts) if trainer.n_prompts else None
     state: dict = {"step": trainer.step, "vstar_hash": trainer.vstar_hash, "data_position": position}
     # each rank's own RNG streams (under DeepSpeed the ranks draw different numbers)
@@ -110,11 +126,6 @@ def save(trainer: OnlineTrainer, checkpoint_dir: Path, before_publish: Callable[
             before_publish(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in list_checkpoints(checkpoint_dir)[: -trainer.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    trainer.barrier()
-    trainer.last_checkpoint = final
-    return final
 
 
 def load(trainer: OnlineTrainer, path: Path, vstar_hash: str | None = None) -> None:

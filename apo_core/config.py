@@ -189,6 +189,8 @@ class TrainConfig(Section):
     """Save a resumable checkpoint every this many rollout steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept on disk (oldest deleted first)."""
+    grace_s: float = Field(20.0, ge=0)
+    """On SIGTERM (an eviction, a spot preemption) training stops after the step in progress and writes a checkpoint for it when that fits in this many seconds from the signal (judged by the last checkpoint's write time); otherwise it exits at once and a resume uses the last periodic checkpoint. Keep it below the pod's terminationGracePeriodSeconds (infra/k8s: 60)."""
     seed: int = 0
     """Seed for prompt order and sampling."""
     optimizer_state_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

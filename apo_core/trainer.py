@@ -97,6 +97,11 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+class StopRequested(RuntimeError):
+    """Training stopped between two steps because it was asked to (a SIGTERM): the message says
+    after which step, and whether a checkpoint was written for it or which one a resume uses."""
+
+
 class OnlineTrainer:
     def __init__(
         self,
@@ -145,6 +150,7 @@ class OnlineTrainer:
         self.step = 0  # rollout steps completed
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
         self.last_checkpoint: Path | None = None
+        self.save_seconds: float | None = None  # how long the last checkpoint took to write
         self.vstar_hash: str | None = None  # of the prompts train() runs on; saved with every checkpoint
         self.n_prompts: int | None = None
         self.resumed_from: dict | None = None  # {"path", "vstar_hash", "data_position"} after load_checkpoint
@@ -312,8 +318,13 @@ class OnlineTrainer:
         on_step: StepCallback | None = None,
         on_checkpoint: Callable[[Path], None] | None = None,
         before_publish: Callable[[Path], None] | None = None,
+        stop_requested: Callable[[], float | None] | None = None,
     ) -> None:
-        """Run rollout steps from self.step up to cfg.steps, checkpointing as configured."""
+        """Run rollout steps from self.step up to cfg.steps, checkpointing as configured.
+
+        `stop_requested`: seconds since a stop was asked for (None: not asked), polled after each
+        step; then the step is checkpointed when that fits in what is left of cfg.grace_s
+        (judged by the last checkpoint's write time) and StopRequested is raised."""
         if not prompts:
             raise ValueError("no training prompts (did the V* filter drop all of them?)")
         self.vstar_hash, self.n_prompts = vstar_table_hash(prompts), len(prompts)
@@ -325,10 +336,44 @@ class OnlineTrainer:
             metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
             if on_step:
                 on_step(self.step, metrics, samples)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            due = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+            if due:
                 path = self.save_checkpoint(checkpoint_dir, before_publish)
                 if on_checkpoint:
                     on_checkpoint(path)
+            if stop_requested is not None:
+                since = stop_requested()
+                if self.world_size > 1:  # every rank stops after the same step (and saves together)
+                    since = all_max(int(1000 * since) if since is not None else -1, self.device) / 1000
+                    since = None if since < 0 else since
+                if since is not None:
+                    self._stop(since, due, checkpoint_dir, before_publish, on_checkpoint)
+
+    def checkpoint_seconds(self) -> float:
+        """How long the next checkpoint takes to write: the last one's time, else an estimate from
+        its bytes (weights and optimizer state) at 100 MB/s."""
+        if self.save_seconds is not None:
+            return self.save_seconds
+        weights = sum(p.numel() * p.element_size() for p in self.policy.parameters())
+        state = sum(t.numel() * t.element_size() for group in self.optimizer.state.values() for t in group.values()
+                    if torch.is_tensor(t))
+        return 0.5 + (weights + state) / 100e6
+
+    def _stop(self, since: float, saved: bool, checkpoint_dir: Path, before_publish, on_checkpoint) -> None:
+        left, need = self.cfg.grace_s - since, self.checkpoint_seconds()
+        if saved:
+            done = f"its checkpoint {self.last_checkpoint.name} was due and written"
+        elif need <= left:
+            path = self.save_checkpoint(checkpoint_dir, before_publish)
+            if on_checkpoint:
+                on_checkpoint(path)
+            done = f"checkpoint {path.name} written in {self.save_seconds:.1f}s"
+        else:
+            resume = self.last_checkpoint.name if self.last_checkpoint else "step 0 (no checkpoint yet)"
+            done = (f"no checkpoint written (one takes ~{need:.1f}s, {max(left, 0):.1f}s of train.grace_s "
+                    f"{self.cfg.grace_s:g}s were left); a resume starts from {resume}")
+        raise StopRequested(f"train_online stopped after step {self.step}/{self.cfg.steps}, {since:.1f}s after the stop "
+                            f"request: {done}")
 
     def _update_in_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Clipped AdamW without a full set of gradients: backward pass 1 keeps only each
@@ -376,7 +421,10 @@ class OnlineTrainer:
 
     # -- checkpoints (apo_core.checkpoints) ---------------------------------------------------
     def save_checkpoint(self, checkpoint_dir: Path, before_publish: Callable[[Path], None] | None = None) -> Path:
-        return checkpoints.save(self, checkpoint_dir, before_publish)
+        start = time.perf_counter()
+        path = checkpoints.save(self, checkpoint_dir, before_publish)
+        self.save_seconds = time.perf_counter() - start
+        return path
 
     def load_checkpoint(self, path: Path, vstar_hash: str | None = None) -> None:
         checkpoints.load(self, path, vstar_hash)

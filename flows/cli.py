@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=1e-5 (repeatable)")
     run.add_argument("--run-id", help="run id; re-using one skips completed stages and resumes training")
+    run.add_argument("--take-over", action="store_true",
+                     help="run even though another process holds the run id's lease (a stuck one); logged")
     ev = sub.add_parser("evaluate", help="evaluate a model on a benchmark (greedy, and avg@K/pass@K with --samples K)")
     ev.add_argument("--model", required=True, help="model folder, hub id, or `embedded`")
     ev.add_argument("--benchmark", required=True, choices=list(BUILTIN))
@@ -165,33 +167,66 @@ def main(argv: list[str] | None = None) -> int:
     local_api = LocalPrefectAPI()
     local_api.start()  # starts up while _run imports torch, transformers and MLflow
     try:
-        return _run(cfg, local_api)
+        return _run(cfg, local_api, args.take_over)
     finally:
         local_api.stop()
 
 
-def _run(cfg, local_api: LocalPrefectAPI) -> int:
+# Exit codes of `apo run`: done; stopped, resumable with the same --run-id; refused before
+# anything was computed (config, preflight); the run id is held by another process.
+EXIT_OK, EXIT_STOPPED, EXIT_REFUSED, EXIT_BUSY = 0, 1, 2, 3
+
+
+def _run(cfg, local_api: LocalPrefectAPI, take_over: bool = False) -> int:
     from tasks.config import ConfigError
     from apo_core.checkpoints import CheckpointMismatch
     from flows.apo import apo
     from flows.dispatch import StageRunFailed
+    from tasks.lease import LeaseHeld, LeaseLost
     from tasks.preflight import PreflightError
-    from tasks.storage import StorageError
+    from tasks.storage import StorageError, out_of_space
 
     local_api.wait_until_ready()
     try:
         with local_api.settings():
-            summary = apo(config=cfg)
+            summary = apo(config=cfg, take_over=take_over)
     except (ConfigError, PreflightError) as exc:  # the run could not start: nothing was computed
         print(f"apo: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except (StorageError, StageRunFailed, CheckpointMismatch, FloatingPointError) as exc:
+        return EXIT_REFUSED
+    except LeaseHeld as exc:
+        print(f"apo: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BUSY
+    except (StorageError, StageRunFailed, CheckpointMismatch, FloatingPointError, LeaseLost) as exc:
         # Prefect has logged the traceback; the last line says what stopped the run. Re-run with
         # the same --run-id to resume from what was published.
         print(f"apo: stopped: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return EXIT_STOPPED
+    except Exception as exc:
+        if not out_of_space(exc):
+            raise
+        print(f"apo: stopped: {disk_full_line(exc, cfg)}", file=sys.stderr)
+        return EXIT_STOPPED
     print(_summary_table(summary))
-    return 0
+    return EXIT_OK
+
+
+def disk_full_line(exc: BaseException, cfg) -> str:
+    """One line for a run that ran out of space: the path and what was being written."""
+    from tasks.storage import DiskFull, redact
+    from tasks.tracking import default_tracking_uri
+
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, DiskFull):
+            return str(err).splitlines()[0]
+    for err in chain:
+        if getattr(err, "filename", None):
+            return f"no space left on device writing {redact(str(err.filename))} (free space, then rerun the same run id: it resumes)"
+    return (f"no space left on device writing MLflow's tracking store {redact(default_tracking_uri(cfg))} "
+            "(free space, then rerun the same run id: it resumes)")
 
 
 def _store(args) -> int:

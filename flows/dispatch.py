@@ -18,6 +18,7 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelling
 from pydantic import BaseModel
 
@@ -66,28 +67,48 @@ def describe(label: str, run: FlowRun) -> str:
     return f"{label} (flow run {run.id}, {run.name!r}) ended {state.name if state else 'without a state'}{why}"
 
 
+class RunCancelled(RuntimeError):
+    """The apo flow run itself was cancelled while it waited for a stage; its stage runs were cancelled too."""
+
+
+def cancel(client, runs: dict[str, FlowRun], why: str) -> None:
+    for run in runs.values():
+        client.set_flow_run_state(run.id, Cancelling(message=f"apo: {why}"), force=True)
+
+
 def wait(stage: str, runs: dict[str, FlowRun], timeout_s: float, poll_s: float) -> dict[str, FlowRun]:
     """Wait until every run in `runs` (label -> run) is final. Past `timeout_s` the unfinished ones
     are cancelled and the stage fails naming them; any run that did not complete fails it too,
-    after all have finished, naming each one."""
+    after all have finished, naming each one. When the apo flow run is cancelled meanwhile (from
+    the UI or the API), or this process is stopped, the unfinished ones are cancelled with it."""
+    from prefect.runtime import flow_run
+
     deadline = time.monotonic() + timeout_s
     pending, finished = dict(runs), {}
     with get_client(sync_client=True) as client:
-        while pending:
-            for label, run in list(pending.items()):
-                run = client.read_flow_run(run.id)
-                if run.state is not None and run.state.is_final():
-                    finished[label] = run
-                    del pending[label]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                for run in pending.values():
-                    client.set_flow_run_state(run.id, Cancelling(message=f"apo: {stage} timed out"), force=True)
-                names = ", ".join(f"{label} (flow run {run.id})" for label, run in pending.items())
-                raise StageRunFailed(f"stage {stage}: {names} still running after {timeout_s:.0f}s "
-                                     "(orchestration.stage_timeout_s); cancelled")
-            time.sleep(poll_s)
+        try:
+            while pending:
+                for label, run in list(pending.items()):
+                    run = client.read_flow_run(run.id)
+                    if run.state is not None and run.state.is_final():
+                        finished[label] = run
+                        del pending[label]
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    cancel(client, pending, f"{stage} timed out")
+                    names = ", ".join(f"{label} (flow run {run.id})" for label, run in pending.items())
+                    raise StageRunFailed(f"stage {stage}: {names} still running after {timeout_s:.0f}s "
+                                         "(orchestration.stage_timeout_s); cancelled")
+                own = client.read_flow_run(flow_run.id).state if flow_run.id else None
+                if own is not None and (own.is_cancelling() or own.is_cancelled()):
+                    cancel(client, pending, "the pipeline run was cancelled")
+                    raise RunCancelled(f"flow run {flow_run.id} was cancelled during {stage}; cancelled its "
+                                       f"{len(pending)} running stage run(s): " + ", ".join(str(r.id) for r in pending.values()))
+                time.sleep(poll_s)
+        except (KeyboardInterrupt, SystemExit, TerminationSignal):  # stopped from outside: take the stage runs along
+            cancel(client, pending, "the pipeline run was stopped")
+            raise
     failed = [describe(label, run) for label, run in finished.items() if not run.state.is_completed()]
     if failed:
         raise StageRunFailed(f"stage {stage}: {len(failed)} of {len(runs)} flow run(s) failed: " + "; ".join(failed))

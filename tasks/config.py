@@ -88,6 +88,8 @@ class OrchestrationConfig(Section):
     """Longest wait for a stage's flow run(s); past it they are cancelled and the pipeline fails naming the stage."""
     poll_s: float = Field(2.0, gt=0)
     """Seconds between state checks of the submitted stage flow runs."""
+    lease_ttl_s: float = Field(120.0, ge=5)
+    """Life of the run's lease (one writer per run id) without renewal; the holder renews it every quarter of this. A second process for the run id stops at once while the holder lives; a holder on another host that vanished is taken over after this long (one on the same host at once)."""
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Mapping
 
 import polars as pl
 
@@ -36,6 +37,24 @@ def data_files(uri: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"data file not found: no JSONL, JSON or Parquet file under {uri}")
     return files
+
+
+def content_digests(paths: Mapping[str, str | None]) -> dict[str, str]:
+    """label -> "<file> sha256:<prefix>" of every data file each configured path names (a folder's
+    or a glob's files each under "<label> <file>"): what a stage that reads them fingerprints, so
+    changed data recomputes it. storage.file_sha256 re-reads a file only when its size or mtime
+    (ETag on S3) changed. A missing file is "missing" (the stage itself then fails naming it); hub
+    sources have no path here: their revision is in the config."""
+    out: dict[str, str] = {}
+    for label, path in paths.items():
+        if not path:
+            continue
+        try:
+            files = data_files(path)
+            out.update({label if files == [path] else f"{label} {f}": f"{f} sha256:{storage.file_sha256(f)[:16]}" for f in files})
+        except FileNotFoundError:
+            out[label] = f"{path} missing"
+    return out
 
 
 def _is_dir(uri: str) -> bool:

@@ -18,7 +18,7 @@ from apo_core.rollouts import evaluate as evaluate_model
 from . import storage
 from .faults import failpoint
 from .loading import engine_for, load_model, read_prompts
-from .datasets import load_benchmark
+from .datasets import content_digests, load_benchmark
 from .review import per_prompt_table, records_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, verifier_metrics
 from .tracking import DatasetRef
@@ -101,4 +101,5 @@ def evaluate(ctx: RunContext, prep: StageResult, trained: StageResult) -> StageR
                          "eval_sets": io.path("eval_sets.json")}
 
     fp = fingerprint(cfg.eval.model_dump(), cfg.reward_name, trained.fingerprint, prep.fingerprint)
-    return run_stage(ctx, "evaluate", fp, body)
+    inputs = content_digests({f"eval.benchmarks {name}": path for name, _, path in (e.partition("=") for e in cfg.eval.benchmarks)})
+    return run_stage(ctx, "evaluate", fp, body, inputs)

@@ -4,7 +4,8 @@ pipeline run at an exact place and check that a resume loses nothing.
 
     APO_FAILPOINTS=sample_reference.mid_shard:2 apo run ...    # killed in shard 2 of stage 1
 
-`name:N` fires at the N-th time the point is reached in this process (default 1); several
+`name:N` fires at the N-th time the point is reached in this process (default 1); `name:N:term`
+sends SIGTERM instead and carries on (an eviction: the process must stop by itself); several
 points are separated by commas. Without the variable a fail point costs one dict lookup.
 
 Points (each one line in the stage code):
@@ -29,11 +30,12 @@ from collections import Counter
 ENV = "APO_FAILPOINTS"
 
 
-def _armed(spec: str) -> dict[str, int]:
-    points: dict[str, int] = {}
+def _armed(spec: str) -> dict[str, tuple[int, signal.Signals]]:
+    points: dict[str, tuple[int, signal.Signals]] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, nth = item.partition(":")
-        points[name] = int(nth) if nth else 1
+        name, _, rest = item.partition(":")
+        nth, _, how = rest.partition(":")
+        points[name] = (int(nth) if nth else 1, signal.SIGTERM if how == "term" else signal.SIGKILL)
     return points
 
 
@@ -42,10 +44,11 @@ _hits: Counter[str] = Counter()
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process if APO_FAILPOINTS arms `name` and this is its armed hit."""
+    """SIGKILL (or SIGTERM) this process if APO_FAILPOINTS arms `name` and this is its armed hit."""
     if name not in _ARMED:
         return
     _hits[name] += 1
-    if _hits[name] == _ARMED[name]:
-        print(f"[faults] fail point {name} (hit {_hits[name]}): SIGKILL pid {os.getpid()}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    nth, sig = _ARMED[name]
+    if _hits[name] == nth:
+        print(f"[faults] fail point {name} (hit {_hits[name]}): {sig.name} pid {os.getpid()}", flush=True)
+        os.kill(os.getpid(), sig)

@@ -233,12 +233,37 @@ def check_artifact_root(run_uri: str) -> None:
         _fail(f"artifact_root: cannot write under {storage.redact(run_uri)}: {type(exc).__name__}: {exc}")
 
 
+def estimated_need(cfg: ApoConfig) -> tuple[int, str] | None:
+    """(bytes, how) a run may write under its artifact root, from the model's weight files: the
+    checkpoints on disk at once (keep_checkpoints, plus one being written), each the weights and
+    two optimizer moments (~3x), and the trained model twice (the stage's copy, MLflow's logged
+    model). None when the weights' size is not known here (a built-in model, a hub id)."""
+    path = cfg.model.path
+    if path in EMBEDDED_MODELS or not storage.is_local(path) or not os.path.isdir(storage.local_path(path)):
+        return None
+    weights = sum(f.stat().st_size for f in storage.local_path(path).iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    copies = 3 * (cfg.train.keep_checkpoints + 1) + 2
+    return weights * copies, f"{cfg.train.keep_checkpoints + 1} checkpoints of ~3x the {weights / 2**30:.2f} GiB of weights, the trained model twice"
+
+
+def check_free_space(cfg: ApoConfig, run_uri: str) -> None:
+    """Warn (not fail: the estimate is rough) when a local artifact root has less free space than
+    the run may need; a disk that fills later stops the run in one line and it resumes."""
+    if not storage.is_local(run_uri):
+        return
+    need, free = estimated_need(cfg), storage.free_bytes(run_uri)
+    if need is not None and free is not None and free < need[0]:
+        print(f"[preflight] WARNING: {storage.redact(run_uri)} has {free / 2**30:.2f} GiB free; this run may write "
+              f"~{need[0] / 2**30:.2f} GiB ({need[1]}). Free space, lower train.keep_checkpoints, or use another artifact_root.")
+
+
 def preflight(cfg: ApoConfig, run_uri: str) -> None:
     """Every cheap check of a run, in order; the first failure raises PreflightError (one line)."""
     check_data(cfg)
     check_model(cfg.model.path)
     check_model_tokens(cfg)
     check_artifact_root(run_uri)
+    check_free_space(cfg, run_uri)
 
 
 def check_vstar_belongs(vstar_ids: Iterable[str], prompt_ids: Iterable[str], vstar_uri: str) -> None:

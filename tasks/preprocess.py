@@ -12,7 +12,7 @@ from apo_core.data import TEMPLATES, PromptRecord, chat_prompt, data_version, em
 from apo_core.modeling import load_tokenizer
 
 from . import storage
-from .datasets import load_split
+from .datasets import content_digests, load_split
 from .review import records_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage
 
@@ -91,4 +91,5 @@ def preprocess(ctx: RunContext) -> StageResult:
 
     uses_model = cfg.data.name != "embedded" or cfg.data.template == "chat"  # its tokenizer renders or counts the prompts
     fp = fingerprint(cfg.data.model_dump(), cfg.model.path if uses_model else None)
-    return run_stage(ctx, "preprocess", fp, body)
+    inputs = content_digests({"data.train_path": cfg.data.train_path, "data.test_path": cfg.data.test_path})
+    return run_stage(ctx, "preprocess", fp, body, inputs)

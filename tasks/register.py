@@ -6,7 +6,11 @@ each was measured on (`apo.eval_set.<benchmark>`), so the comparison reads the c
 instead of re-evaluating it, and only on the same evaluation set: a retrain evaluated on other
 prompts says so and leaves the alias where it is. The version's source is the trained model's
 MLflow logged model of the run (`models:/<id>`, the one MLflow copy of the weights, which
-train_online makes), or the model folder in the artifact root for a model trained before logged models.
+train_online makes: a new id for every training, never rewritten, so no later run changes a
+registered model), or the model folder in the artifact root for a model trained before logged
+models; the tag apo.model_sha256 says which content it was. After each registration the champion
+is recomputed from every version's decision (converge_champion), so retrains that register at
+the same time end on one champion.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ REGISTRY_FILE = "registry.json"  # beside summary.json: the decision of this run
 SCORE_TAG = "apo.score."  # + benchmark name; one tag per benchmark the version was evaluated on
 DECISION_TAG = "apo.registry.decision"
 EVAL_SET_TAG = "apo.eval_set."  # + benchmark name: data_version of the prompts the score is over
+MODEL_DIGEST_TAG = "apo.model_sha256"  # the weights' content (storage.folder_digest of the model folder)
 
 
 def benchmark_scores(metrics: dict[str, float]) -> dict[str, float]:
@@ -103,7 +108,34 @@ def register_model(ctx: RunContext, trained: StageResult, evaluated: StageResult
         "evaluate_fingerprint": evaluated.fingerprint, "eval_set": eval_sets.get(cfg.benchmark), "reason": reason,
     }
     record_decision(ctx, tracker, record, record_uri)
+    converge_champion(tracker, cfg)
     return record
+
+
+def best_eligible(versions, benchmark: str, eval_set: str | None):
+    """The version that should hold `champion`: of those that qualified when registered (decision
+    first or promoted) and were scored on `benchmark` over the prompts of digest `eval_set`, the
+    best score; the earliest of equal ones (a tie never moves the alias). None when none qualifies."""
+    eligible = [v for v in versions if v.tags.get(DECISION_TAG) in ("first", "promoted")
+                and v.tags.get(EVAL_SET_TAG + benchmark) == eval_set and SCORE_TAG + benchmark in v.tags]
+    return min(eligible, key=lambda v: (-float(v.tags[SCORE_TAG + benchmark]), int(v.version)), default=None)
+
+
+def converge_champion(tracker, cfg, rounds: int = 3) -> None:
+    """Recompute the champion from every version's recorded decision and score after a
+    registration, so two retrains that registered at once (each compared with the champion it
+    read, each moving the alias) end on one champion, the better: whichever moves the alias last
+    has seen both decisions, and checks again after its move."""
+    for _ in range(rounds):
+        champion = tracker.version_by_alias(cfg.model_name, CHAMPION)
+        if champion is None:
+            return
+        best = best_eligible(tracker.all_versions(cfg.model_name), cfg.benchmark, champion.tags.get(EVAL_SET_TAG + cfg.benchmark))
+        if best is None or str(best.version) == str(champion.version):
+            return
+        print(f"[register] champion recomputed: v{best.version} ({cfg.benchmark} {best.tags[SCORE_TAG + cfg.benchmark]}) "
+              f"over v{champion.version} ({champion.tags.get(SCORE_TAG + cfg.benchmark)}), registered at the same time")
+        tracker.set_alias(cfg.model_name, CHAMPION, str(best.version))
 
 
 def against_champion(tracker, cfg, number: str, score: float,
@@ -145,6 +177,7 @@ def find_or_register(ctx: RunContext, tracker, trained: StageResult, evaluated: 
     source = logged or source_uri(trained.outputs["model"])
     return tracker.register_version(name, source, ctx.parent_run_id, {
         "apo.run_id": ctx.config.run_id, "apo.evaluate_fingerprint": evaluated.fingerprint,
+        MODEL_DIGEST_TAG: storage.folder_digest(trained.outputs["model"], keep=lambda _: True),
         **{SCORE_TAG + bench: value for bench, value in scores.items()},
         **{EVAL_SET_TAG + bench: digest for bench, digest in eval_sets.items()},
     }, model_id=logged.removeprefix("models:/") if logged else None), False

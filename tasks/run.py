@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager, suppress
+from typing import Iterator, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from .config import ApoConfig
 
-from . import review, storage
+from . import lease, review, storage
 from .faults import failpoint
-from .preflight import PreflightError, preflight
+from .preflight import PreflightError, check_artifact_root, preflight
 from .register import registry_record
 from .stage import RunContext, StageResult
 from .tracking import DESCRIPTION_TAG, Tracker, default_tracking_uri, ui_command
@@ -22,14 +23,36 @@ def _not_a_preflight_failure(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), PreflightError)
 
 
+@contextmanager
+def pipeline_run(config: ApoConfig, take_over: bool = False) -> Iterator[RunContext]:
+    """The block of one pipeline run: first the run id's lease (tasks/lease.py: one writer per run
+    id, before anything is written), then start_run. Whatever stops the block (a failed stage, a
+    signal, a cancellation) ends the MLflow parent run FAILED or KILLED with its reason as a tag
+    before it propagates; the lease is released last."""
+    cfg = config.with_run_id()
+    storage.configure(cfg.storage)
+    check_artifact_root(storage.join(cfg.artifact_root, cfg.run_id or ""))  # writable, before the lease is written there
+    with lease.hold(storage.join(cfg.artifact_root, cfg.run_id or ""), cfg.run_id or "",
+                    cfg.orchestration.lease_ttl_s, take_over) as held:
+        ctx = start_run(cfg, held.record["token"])
+        try:
+            yield ctx
+        except BaseException as exc:
+            status = "FAILED"
+            with suppress(Exception):  # the tracking store may be what failed
+                status = ctx.tracker().fail(ctx.parent_run_id, exc)
+            print(f"[apo] run {cfg.run_id} ended {status}: {type(exc).__name__}: {str(exc).strip()[:300]}".splitlines()[0])
+            raise
+
+
 @task(name="start_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_not_a_preflight_failure)
-def start_run(config: ApoConfig) -> RunContext:
+def start_run(config: ApoConfig, lease_token: str | None = None) -> RunContext:
     cfg = config.with_run_id()
     storage.configure(cfg.storage)
     preflight(cfg, storage.join(cfg.artifact_root, cfg.run_id or ""))  # before any MLflow run or model load
     tracker = Tracker.for_config(cfg)
     parent = tracker.parent_run(cfg, tags=review.source_tags())
-    ctx = RunContext(config=cfg, tracking_uri=default_tracking_uri(cfg), parent_run_id=parent)
+    ctx = RunContext(config=cfg, tracking_uri=default_tracking_uri(cfg), parent_run_id=parent, lease_token=lease_token)
     storage.write_json(cfg.model_dump(mode="json"), storage.join(ctx.run_uri, "config.json"))
     review.prefect_link(ctx, tracker.experiment_id)
     print(f"[apo] run {cfg.run_id}: artifacts {ctx.run_uri}, MLflow run {parent} at {ctx.tracking_uri}")

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from .config import ApoConfig
 
-from . import storage
+from . import lease, storage
 from .faults import failpoint
 from .tracking import Tracker
 
@@ -42,6 +42,7 @@ class RunContext(BaseModel):
     config: ApoConfig
     tracking_uri: str
     parent_run_id: str
+    lease_token: str | None = None  # the run lease this run holds (tasks/lease.py); stages publish only under it
 
     @property
     def run_uri(self) -> str:
@@ -67,6 +68,7 @@ class StageResult(BaseModel):
     outputs: dict[str, str] = {}
     mlflow_run_id: str | None = None
     manifest: dict[str, dict] = {}  # every published file: bytes, sha256, Parquet rows
+    inputs: dict[str, str] = {}  # content digests of the external files it read (part of its fingerprint)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -137,13 +139,17 @@ class StageIO:
             self.tracker.log_datasets(run, datasets)
 
 
-def completed(ctx: RunContext, stage: str, fp: str) -> StageResult | None:
-    """The recorded result of `stage` when it completed with fingerprint `fp`."""
+def completed(ctx: RunContext, stage: str, fp: str, inputs: dict[str, str] | None = None) -> StageResult | None:
+    """The recorded result of `stage` when it completed with fingerprint `fp`; when it completed
+    with another one because an input file changed, says which."""
     marker = storage.join(ctx.stage_uri(stage), MARKER)
     if not storage.exists(marker):
         return None
     result = StageResult.model_validate(storage.read_json(marker))
     if result.fingerprint != fp:
+        changed = [f"{k} ({result.inputs.get(k, 'not read')} -> {v})" for k, v in (inputs or {}).items() if result.inputs.get(k) != v]
+        if changed:
+            print(f"[{stage}] input changed since it ran: {'; '.join(changed)}; recomputing it and every stage after it")
         return None
     problem = storage.manifest_mismatch(result.uri, result.manifest)
     if problem:
@@ -157,14 +163,20 @@ def run_stage(
     stage: str,
     fp: str,
     body: Callable[[StageIO], tuple[dict[str, float], dict[str, str]]],
+    inputs: dict[str, str] | None = None,
 ) -> StageResult:
     """Skip `stage` if complete with this fingerprint; else run `body` measured and tracked,
-    then publish the marker. `body` returns (metrics, outputs: name -> URI)."""
+    then publish the marker. `body` returns (metrics, outputs: name -> URI). `inputs`: content
+    digests of the files outside the run that the stage reads (datasets.content_digests), part of
+    the fingerprint."""
     storage.configure(ctx.config.storage)  # this process's retry policy (a stage may run in its own pod)
-    done = completed(ctx, stage, fp)
+    if inputs:
+        fp = fingerprint(fp, inputs)
+    done = completed(ctx, stage, fp, inputs)
     if done is not None:
         print(f"[{stage}] complete already (fingerprint {fp}); skipped")
         return done.model_copy(update={"status": "skipped"})
+    lease.verify(ctx.run_uri, ctx.lease_token)  # a displaced writer (its run taken over) starts nothing
     uri = ctx.stage_uri(stage)
     storage.remove(storage.join(uri, MARKER))  # a stale marker (other fingerprint) must not survive a crash
     tracker = ctx.tracker()
@@ -174,8 +186,8 @@ def run_stage(
     try:
         with PeakRSS().measure() as rss, tracker.system_metrics(mlflow_run, ctx.config.tracking.system_metrics_interval_s):
             metrics, outputs = body(StageIO(uri, tracker, mlflow_run, fp, ctx.parent_run_id))
-    except BaseException:
-        tracker.end(mlflow_run, ok=False)
+    except BaseException as exc:
+        tracker.fail(mlflow_run, exc)
         raise
     seconds = time.perf_counter() - start
     peak_mb = rss.peak_bytes / 2**20
@@ -183,10 +195,11 @@ def run_stage(
     tracker.end(mlflow_run, ok=True)
     result = StageResult(
         stage=stage, uri=uri, status="ran", fingerprint=fp, seconds=seconds, peak_rss_mb=peak_mb,
-        metrics=metrics, outputs=outputs, mlflow_run_id=mlflow_run,
+        metrics=metrics, outputs=outputs, mlflow_run_id=mlflow_run, inputs=inputs or {},
         manifest=storage.manifest(uri, skip=RESUME_STATE),
     )
     failpoint(f"{stage}.before_marker")
+    lease.verify(ctx.run_uri, ctx.lease_token)  # and publishes nothing
     storage.write_json(result.model_dump(mode="json"), storage.join(uri, MARKER))
     failpoint(f"{stage}.after_marker")
     print(f"[{stage}] done in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB")

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -35,6 +36,61 @@ T = TypeVar("T")
 
 class StorageError(OSError):
     """Storage stayed unreachable (or kept failing transiently) through every retry; one line."""
+
+
+class DiskFull(StorageError):
+    """No space was left where something was being written; one line naming the path and what.
+    Nothing was half-published (writes are atomic, markers last): free space and rerun the run id."""
+
+
+_FULL_MESSAGES = ("no space left on device", "database or disk is full", "disk quota exceeded", "not enough space on the disk")
+# what torch and safetensors say when a write fails without an errno (ENOSPC behind it, most often)
+_WRITE_FAILED = ("iostream error", "failed writing file", "file write failed", "unexpected pos", "failed to write")
+_NEARLY_FULL = 16 * 2**20
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes of the local file system holding `path` (its nearest existing parent), else None."""
+    try:
+        probe = Path(str(path).removeprefix("file://")).resolve()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def out_of_space(exc: BaseException, path: str | Path | None = None) -> bool:
+    """True when `exc` (or what caused it) means the disk was full: ENOSPC/EDQUOT, SQLite's "database
+    or disk is full", or a write failure without an errno while `path`'s file system is nearly full."""
+    for err in _chain(exc):
+        if isinstance(err, DiskFull) or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        text = str(err).lower()
+        if any(m in text for m in _FULL_MESSAGES):
+            return True
+        if path is not None and any(m in text for m in _WRITE_FAILED):
+            free = free_bytes(path)
+            if free is not None and free < _NEARLY_FULL:
+                return True
+    return False
+
+
+@contextmanager
+def writing(what: str, path: str | Path) -> Iterator[None]:
+    """Inside the block, running out of space becomes DiskFull naming `what` and `path`."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        if not out_of_space(exc, path):
+            raise
+        where = getattr(exc, "filename", None) or path
+        free = free_bytes(path)
+        left = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+        raise DiskFull(f"no space left on device writing {what} to {redact(str(where))}{left} "
+                       "(free space, then rerun the same run id: it resumes)") from exc
 
 
 @dataclass(frozen=True)
@@ -222,7 +278,8 @@ def _publish_local(uri: str, data: bytes, exclusive: bool) -> bool:
 def write_bytes(uri: str, data: bytes) -> None:
     """Publish `data` at `uri` atomically: a reader sees the old file, no file, or all of it."""
     if is_local(uri):
-        _publish_local(uri, data, exclusive=False)
+        with writing(f"{len(data)} bytes", uri):
+            _publish_local(uri, data, exclusive=False)
         return
     fs, path = fs_path(uri)
     # one PUT (or one completed multipart upload) is atomic on an object store
@@ -234,7 +291,8 @@ def create_bytes(uri: str, data: bytes) -> bool:
     of a complete temp file, on S3 a conditional PUT); True when this call created it, False when
     the file existed. A retry after a lost reply may find its own write: compare the bytes."""
     if is_local(uri):
-        return _publish_local(uri, data, exclusive=True)
+        with writing(f"{len(data)} bytes", uri):
+            return _publish_local(uri, data, exclusive=True)
     fs, path = fs_path(uri)
 
     def put() -> bool:
@@ -399,7 +457,8 @@ def put_dir(local: Path, uri: str) -> None:
         target = local_path(uri)
         if target == Path(local).resolve():
             return
-        shutil.copytree(local, target, dirs_exist_ok=True)
+        with writing(f"a copy of {local}", target):
+            shutil.copytree(local, target, dirs_exist_ok=True)
         return
     fs, path = fs_path(uri)
     # The trailing slash copies the folder's contents into `path`, also when `path` already
@@ -426,7 +485,8 @@ def localize_dir(uri: str) -> Path:
             tmp.mkdir(parents=True, exist_ok=True)
 
         try:
-            with_retries("download", uri, lambda: fs.get(path.rstrip("/") + "/", str(tmp), recursive=True), cleanup=fresh)
+            with writing(f"a download of {redact(uri)}", tmp):
+                with_retries("download", uri, lambda: fs.get(path.rstrip("/") + "/", str(tmp), recursive=True), cleanup=fresh)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -78,6 +78,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+FAILURE_TAG = "apo.failure"  # why a run ended FAILED or KILLED, in one line
+
+
+def stopped_from_outside(exc: BaseException) -> bool:
+    """True when `exc` is a stop from outside the work (SIGTERM, Ctrl-C, a Prefect cancellation, a
+    lost run lease) rather than a failure of it."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"KeyboardInterrupt", "SystemExit", "TerminationSignal", "CancelledError", "Abort",
+                         "LeaseLost", "RunCancelled", "Preempted"})
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str = "apo", artifact_location: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -231,6 +242,18 @@ class Tracker:
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
+    def fail(self, run_id: str, exc: BaseException) -> str:
+        """End `run_id` as what `exc` says happened: KILLED for a stop from outside (a signal, a
+        cancellation, a lost lease), FAILED otherwise; the reason's first line as tag apo.failure.
+        Returns the status. Never raises: the original error is what the caller reports."""
+        status = "KILLED" if stopped_from_outside(exc) else "FAILED"
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+        with contextlib.suppress(Exception):
+            self.set_tags(run_id, {FAILURE_TAG: reason})
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(run_id, status=status)
+        return status
+
     # --- model registry (same client, so the registry lives where the runs do) ---
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -242,6 +265,10 @@ class Tracker:
         """Versions of `model_name` registered from MLflow run `run_id`, newest first."""
         found = self.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
         return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+    def all_versions(self, model_name: str) -> list:
+        """Every version of `model_name`, oldest first."""
+        return sorted(self.client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
 
     def register_version(self, model_name: str, source: str, run_id: str, tags: dict[str, Any], model_id: str | None = None):
         """A new version of `model_name` pointing at `source` (no copy of the files is made), from

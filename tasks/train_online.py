@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import polars as pl
@@ -25,17 +27,19 @@ from apo_core.distributed import gathered
 from apo_core.modeling import add_lora, reference_of
 from apo_core.rollouts import TrainPrompt, training_prompts
 from apo_core.checkpoints import CheckpointMismatch, list_checkpoints, vstar_table_hash
-from apo_core.trainer import OnlineTrainer
+from apo_core.trainer import OnlineTrainer, StopRequested
 
-from . import storage
+from . import storage, termination
 from .loading import engine_for, load_model, read_prompts
 from .faults import failpoint
 from .preflight import check_vstar_belongs
 from .review import Progress, records_dataset, table_dataset
 from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sampling_parts, verifier_metrics
 
-# Fields that may change between a run and its resume without invalidating checkpoints.
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints"}
+# Fields that may change between a run and its resume without invalidating checkpoints, and of
+# those the ones that never change what training computes (not in the stage's fingerprint either).
+_NOT_RESULTS = {"grace_s"}
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", *_NOT_RESULTS}
 SAMPLES_PER_STEP = 4  # responses per step kept for the sample table
 
 
@@ -104,8 +108,14 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
             storage.put_dir(path, storage.join(checkpoints_uri, path.name))
         failpoint("train_online.after_checkpoint")
 
-    trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish)
-    with gathered(model):  # full weights also under ZeRO-3 (collective: every rank enters)
+    with storage.writing("a train_online checkpoint", ckpt_dir), termination.deferred() as since_sigterm:
+        try:
+            trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish,
+                          stop_requested=since_sigterm)
+        except StopRequested as exc:
+            print(f"apo: stopped: {exc}; rerun the same run id to resume", file=sys.stderr, flush=True)
+            raise termination.Preempted(str(exc)) from None
+    with gathered(model), storage.writing("the trained model", work / "model"):  # full weights also under ZeRO-3 (collective)
         if lead:
             if cfg.train.lora:  # the adapter on its own, then the merged weights evaluation and engines load
                 model.save_pretrained(work / "adapter")
@@ -127,8 +137,17 @@ def launch_ranks(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_di
     cmd = [str(torchrun), "--standalone", f"--nproc_per_node={cfg.train.deepspeed.processes}",
            "-m", "tasks.train_online", str(work / "ranks.json")]
     print(f"[train_online] launching {cfg.train.deepspeed.processes} ranks: {' '.join(cmd)}")
-    with open(work / "ranks.log", "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(work / "ranks.log", "w") as log, termination.deferred() as since_sigterm:
+        ranks = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        forwarded = False
+        while (code := ranks.poll()) is None:
+            if not forwarded and since_sigterm() is not None:
+                ranks.send_signal(signal.SIGTERM)  # torchrun passes it on: each rank stops after its step
+                forwarded = True
+            time.sleep(0.2)
+    if forwarded:
+        said = [line for line in (work / "ranks.log").read_text().splitlines() if "train_online stopped after step" in line]
+        raise termination.Preempted(said[-1].split("apo: stopped: ", 1)[-1] if said else "train_online stopped by SIGTERM")
     if code:
         tail = (work / "ranks.log").read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"train_online: a DeepSpeed rank failed (exit {code}); log {work / 'ranks.log'}: " + " | ".join(tail))
@@ -207,7 +226,7 @@ def train_online(ctx: RunContext, prep: StageResult, vstar: StageResult) -> Stag
         metrics.update(verifier_metrics(cfg.reward_name, verifier_before))
         return metrics, outputs
 
-    fp = fingerprint(cfg.train.model_dump(), resume_fp)
+    fp = fingerprint(cfg.train.model_dump(exclude=_NOT_RESULTS), resume_fp)
     return run_stage(ctx, "train_online", fp, body)
 
 

@@ -77,6 +77,8 @@ def test_gpu_defaults_render_a_valid_one_gpu_job():
     assert manifest["metadata"]["generateName"] == "sample-reference-shard-0-"
     assert pod_spec(manifest)["serviceAccountName"] == "default"
     assert pod_spec(manifest)["restartPolicy"] == "Never"
+    from apo_core.config import TrainConfig
+    assert pod_spec(manifest)["terminationGracePeriodSeconds"] == 60 > TrainConfig().grace_s  # time for the SIGTERM checkpoint
     assert manifest["spec"]["backoffLimit"] == 0 and manifest["spec"]["ttlSecondsAfterFinished"] == 86400
 
 

@@ -17,7 +17,7 @@ import pytest
 
 FAULTS_DIR = Path(__file__).resolve().parent
 RESULTS = FAULTS_DIR / ".results" / "results.jsonl"
-CATEGORIES = ("kill", "storage", "bad-input", "secrets", "corruption")
+CATEGORIES = ("kill", "concurrency", "stop", "disk", "storage", "bad-input", "secrets", "corruption")
 
 _state = {"truncated": False, "outcomes": {}}
 

@@ -17,6 +17,9 @@ DOC = ROOT / "docs" / "reliability.md"
 
 TITLES = {
     "kill": "Process killed (SIGKILL) and resumed",
+    "concurrency": "Two writers for one run id (the run lease)",
+    "stop": "Stopped from outside (SIGTERM, cancellation) and failed stages: the states runs end in",
+    "disk": "No space left on device",
     "storage": "Object storage outages and errors",
     "corruption": "Corrupted or mismatching published files",
     "bad-input": "Bad inputs (data, config, model paths, verifier input, foreign V*)",

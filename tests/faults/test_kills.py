@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -56,20 +57,32 @@ def run_in_process(root: Path) -> dict:
         torch.set_num_threads(threads)
 
 
-def run_killed(root: Path, point: str) -> str:
-    """`apo run` in its own process with one fail point armed; it must die of SIGKILL there."""
+def apo_command(root: Path, **env: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `apo run` on the module's sizes under the session's Prefect API."""
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "APO_FAILPOINTS": point, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+    environ = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
     args = [str(Path(sys.executable).parent / "apo"), "run"]
     for key, value in overrides(root).items():
         args += ["--set", f"{key}={value}"]
+    return args, environ
+
+
+def run_killed(root: Path, point: str) -> str:
+    """`apo run` in its own process with one fail point armed; it must die of SIGKILL there,
+    holding the run's lease (a resume right after must take it over at once)."""
+    args, env = apo_command(root, APO_FAILPOINTS=point)
     done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = done.stdout + done.stderr
     assert done.returncode == -signal.SIGKILL, f"exit {done.returncode}, not SIGKILL:\n{log[-3000:]}"
     assert f"fail point {point.split(':')[0]}" in log, log[-3000:]
+    assert lease_files(root) == [(1, False)], "the killed process should have left its lease held"
     return log
+
+
+def lease_files(root: Path) -> list[tuple[int, bool]]:
+    """(number, released) of each lease file of the run."""
+    return [(int(p.stem), json.loads(p.read_text())["released"]) for p in sorted((root / RUN_ID / "_lease").glob("*.json"))]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +93,11 @@ def uninterrupted(prefect_api, tmp_path_factory):
     return root / RUN_ID, summary
 
 
-def assert_same_results(run: Path, summary: dict, uninterrupted) -> None:
+def assert_same_results(run: Path, summary: dict, uninterrupted, leases=((2, True),)) -> None:
+    """Equal to the uninterrupted run; `leases`: the run's lease files at the end (by default: the
+    resume took over the killed holder's lease 1 as lease 2, then released it)."""
     base, base_summary = uninterrupted
+    assert lease_files(run.parent) == list(leases)
     assert (summary["reference_accuracy"], summary["trained_accuracy"]) == (
         base_summary["reference_accuracy"], base_summary["trained_accuracy"])
     for stage, name in TABLES.items():
@@ -109,7 +125,8 @@ def trained_steps(summary: dict) -> list[int]:
 def statuses(summary: dict) -> str:
     ran = [s for s in STAGES if summary["stage_status"][s] == "ran"]
     skipped = [s for s in STAGES if summary["stage_status"][s] == "skipped"]
-    return f"reused {', '.join(skipped) or 'nothing'}; recomputed {', '.join(ran) or 'nothing'}"
+    return (f"the resume right after took over the killed holder's lease at once; "
+            f"reused {', '.join(skipped) or 'nothing'}; recomputed {', '.join(ran) or 'nothing'}")
 
 
 def expect(summary: dict, skipped: int) -> None:
@@ -247,3 +264,93 @@ def test_kill_during_evaluate(uninterrupted, tmp_path, record_fault):
     record_fault("kill", "SIGKILL during evaluate, after the reference model and before the trained one",
                  f"{statuses(summary)}; {SAME}")
 
+
+
+def test_a_second_process_for_the_run_id_stops_before_any_stage(uninterrupted, tmp_path, record_fault):
+    args, env = apo_command(tmp_path)
+    first = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not lease_files(tmp_path) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lease_files(tmp_path) == [(1, False)], "the first process did not take the lease"
+        second = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    log = second.stdout + second.stderr
+    assert second.returncode == 3, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"apo: run {RUN_ID} is being written by pid {first.pid} on host "), log[-3000:]
+    assert "started ->" not in log and "Traceback" not in log  # no stage, no stack trace
+    assert first.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / RUN_ID / "summary.json").read_text())
+    assert summary["stages_recomputed"] == list(STAGES)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted, leases=[(1, True)])
+    record_fault("concurrency", "two `apo run --run-id same` processes, the second started while the first ran",
+                 f"the second exited 3 before any stage with one line ({last.split(' since ')[0].replace(str(first.pid), '<pid>')}, "
+                 f"since ...); the first finished alone: {SAME}")
+
+
+def run_terminated(root: Path, point: str, *extra: str) -> str:
+    """`apo run` with a SIGTERM sent at a fail point (an eviction); it must stop by itself."""
+    args, env = apo_command(root, APO_FAILPOINTS=point)
+    for item in extra:
+        args += ["--set", item]
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit {done.returncode}:\n{log[-3000:]}"
+    return log
+
+
+def run_states(root: Path) -> dict:
+    """MLflow status and failure reason of the pipeline run and of each stage run, and the Prefect
+    flow run's state, of the run in `root`."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from tasks.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(load_config(overrides=[f"{k}={v}" for k, v in overrides(root).items()])))
+    runs = client.search_runs(client.get_experiment_by_name("apo").experiment_id)
+    parent = next(r for r in runs if r.data.tags.get("apo.role") == "pipeline")
+    states = {"pipeline": (parent.info.status, parent.data.tags.get("apo.failure"))}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id:
+            states[r.data.tags.get("apo.stage", r.info.run_name)] = (r.info.status, r.data.tags.get("apo.failure"))
+    with get_client(sync_client=True) as prefect:
+        states["prefect"] = prefect.read_flow_run(parent.data.tags["apo.prefect.flow_run_id"]).state.name
+    return states
+
+
+def test_sigterm_in_train_online_checkpoints_the_step_within_the_grace_period(uninterrupted, tmp_path, record_fault):
+    log = run_terminated(tmp_path, "train_online.after_step:3:term")
+    said = [line for line in log.splitlines() if line.startswith("apo: stopped: train_online stopped after step 3/5")]
+    assert said and "checkpoint step_000003 written in" in said[0], log[-3000:]
+    checkpoints = sorted(p.name for p in (tmp_path / RUN_ID / "train_online" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000002", "step_000003"]
+    states = run_states(tmp_path)
+    assert states["pipeline"][0] == "KILLED" and "Preempted" in states["pipeline"][1]
+    assert states["train_online"][0] == "KILLED" and "stopped after step 3/5" in states["train_online"][1]
+    assert states["sample_reference"] == ("FINISHED", None) and "evaluate" not in states
+    assert states["prefect"] in ("Crashed", "Cancelled"), states
+    summary = run_in_process(tmp_path)
+    assert trained_steps(summary)[-2:] == [4, 5] and 3 not in trained_steps(summary)
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted, leases=[(2, True)])
+    record_fault("stop", "SIGTERM in train_online after rollout step 3 (checkpoints every 2 steps; train.grace_s 20)",
+                 f"training stopped after step 3 and wrote checkpoint step_000003 ({said[0].split('written in ')[1].split(';')[0]}); "
+                 f"the train_online and pipeline MLflow runs ended KILLED with the reason as tag apo.failure, the Prefect flow "
+                 f"run {states['prefect']}; the resume trained steps 4-5 only; {SAME}")
+
+
+def test_sigterm_without_time_for_a_checkpoint_exits_at_once(uninterrupted, tmp_path, record_fault):
+    log = run_terminated(tmp_path, "train_online.after_step:3:term", "train.grace_s=0")
+    said = [line for line in log.splitlines() if line.startswith("apo: stopped: train_online stopped after step 3/5")]
+    assert said and "no checkpoint written" in said[0] and "a resume starts from step_000002" in said[0], log[-3000:]
+    assert sorted(p.name for p in (tmp_path / RUN_ID / "train_online" / "checkpoints").glob("*step_*")) == ["step_000002"]
+    summary = run_in_process(tmp_path)
+    assert trained_steps(summary)[-3:] == [3, 4, 5]
+    assert_same_results(tmp_path / RUN_ID, summary, uninterrupted, leases=[(2, True)])
+    record_fault("stop", "SIGTERM in train_online after step 3 when a checkpoint cannot be written in time (train.grace_s 0)",
+                 "stopped at once without a checkpoint, saying so and that a resume starts from step_000002; "
+                 f"the resume trained steps 3-5 from the last periodic checkpoint; {SAME}")
