@@ -185,9 +185,15 @@ def _run(cfg, local_api: LocalPrefectAPI, take_over: bool = False) -> int:
     from tasks.lease import LeaseHeld, LeaseLost
     from tasks.preflight import PreflightError
     from tasks.storage import StorageError, out_of_space
+    from tasks.termination import Preempted
 
-    local_api.wait_until_ready()
     try:
+        if cfg.run_id:  # a run id that another process is writing: say so before any flow run starts
+            from tasks import lease, storage
+
+            storage.configure(cfg.storage)
+            lease.check_free(storage.join(cfg.artifact_root, cfg.run_id), cfg.run_id, take_over)
+        local_api.wait_until_ready()
         with local_api.settings():
             summary = apo(config=cfg, take_over=take_over)
     except (ConfigError, PreflightError) as exc:  # the run could not start: nothing was computed
@@ -196,7 +202,7 @@ def _run(cfg, local_api: LocalPrefectAPI, take_over: bool = False) -> int:
     except LeaseHeld as exc:
         print(f"apo: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BUSY
-    except (StorageError, StageRunFailed, CheckpointMismatch, FloatingPointError, LeaseLost) as exc:
+    except (StorageError, StageRunFailed, CheckpointMismatch, FloatingPointError, LeaseLost, Preempted) as exc:
         # Prefect has logged the traceback; the last line says what stopped the run. Re-run with
         # the same --run-id to resume from what was published.
         print(f"apo: stopped: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -93,17 +93,38 @@ def _process_gone(record: dict) -> bool:
         return True
 
 
+def _left_by_this_process(record: dict) -> bool:
+    """True for a lease of this very process that it no longer holds (an earlier flow run in it
+    could not mark it released, e.g. while storage was down)."""
+    mine = record.get("host") == socket.gethostname() and record.get("pid") == os.getpid()
+    return mine and record.get("token") not in _live
+
+
 def free_because(record: dict | None, take_over: bool) -> str | None:
     """Why lease `record` may be taken ("" when it is simply free), None when it is held."""
     if record is None or record.get("released"):
         return ""
     if _process_gone(record):
         return f"its holder, {describe(record)}, is gone"
+    if _left_by_this_process(record):
+        return f"it was left unreleased by an earlier run in this process ({describe(record)})"
     if record.get("expires", 0) < _now():
         return f"the lease of {describe(record)} expired at {_iso(record['expires'])}"
     if take_over:
         return f"forced (take_over) from {describe(record)}"
     return None
+
+
+def held_by(run_id: str, record: dict) -> LeaseHeld:
+    return LeaseHeld(f"run {run_id} is being written by {describe(record)}; wait for it, or pass --take-over if it is stuck")
+
+
+def check_free(run_uri: str, run_id: str, take_over: bool = False) -> None:
+    """Raise LeaseHeld when the run's lease is held now (a look, taking nothing: `apo run` asks
+    before it starts a flow run at all; the flow then takes the lease for real)."""
+    _, record, _ = newest(run_uri)
+    if free_because(record, take_over) is None:
+        raise held_by(run_id, record)
 
 
 class PrefectSlot:
@@ -197,8 +218,7 @@ class RunLease:
         number, record, _ = newest(self.run_uri)
         why = free_because(record, self.take_over)
         if why is None:
-            raise LeaseHeld(f"run {self.run_id} is being written by {describe(record)}; "
-                            "wait for it, or pass --take-over if it is stuck")
+            raise held_by(self.run_id, record)
         if self.slot is not None:
             self.slot.take((record or {}).get("prefect_lease_id") if why else None)
         self.record = {**self._fresh_record(), "prefect_lease_id": self.slot.lease_id if self.slot else None}
@@ -208,6 +228,7 @@ class RunLease:
                 self.slot.release()
             _, other, _ = newest(self.run_uri)
             raise LeaseHeld(f"run {self.run_id} was just taken by {describe(other or {})}")
+        _live.add(self.record["token"])
         if why:
             print(f"[lease] took over run {self.run_id}: {why}")
         for n, uri in ((_number(u), u) for u in storage.listing(lease_dir(self.run_uri))):
@@ -248,18 +269,23 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _live.discard(self.record.get("token"))
         if self.slot is not None and self.lost is None:
             try:
                 self.slot.release()
             except Exception as exc:  # the slot's own lease expires with the ttl
                 print(f"[lease] releasing Prefect limit {self.slot.name} failed: {type(exc).__name__}: {exc}"[:300])
         if self.lost is None and self.number:
-            number, record, _ = newest(self.run_uri)
-            if number == self.number and (record or {}).get("token") == self.record.get("token"):
-                storage.write_json({**self.record, "released": True, "released_at": _now()}, self.uri)
+            try:
+                number, record, _ = newest(self.run_uri)
+                if number == self.number and (record or {}).get("token") == self.record.get("token"):
+                    storage.write_json({**self.record, "released": True, "released_at": _now()}, self.uri)
+            except Exception as exc:  # e.g. a full disk: this process's end frees the lease anyway (takeover)
+                print(f"[lease] could not mark the lease of run {self.run_id} released: {type(exc).__name__}: {exc}"[:300])
 
 
-_held: dict[str, RunLease] = {}  # run URI -> the lease this process holds on it
+_held: dict[str, RunLease] = {}  # run URI -> the lease this process holds on it (through `hold`)
+_live: set[str] = set()  # tokens of every lease this process holds, until it releases them
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from .faults import failpoint
 from .preflight import PreflightError, check_artifact_root, preflight
 from .register import registry_record
 from .stage import RunContext, StageResult
-from .tracking import DESCRIPTION_TAG, Tracker, default_tracking_uri, ui_command
+from .tracking import DESCRIPTION_TAG, Tracker, default_tracking_uri, failure_reason, ui_command
 
 
 def _not_a_preflight_failure(task, task_run, state) -> bool:
@@ -41,8 +41,24 @@ def pipeline_run(config: ApoConfig, take_over: bool = False) -> Iterator[RunCont
             status = "FAILED"
             with suppress(Exception):  # the tracking store may be what failed
                 status = ctx.tracker().fail(ctx.parent_run_id, exc)
-            print(f"[apo] run {cfg.run_id} ended {status}: {type(exc).__name__}: {str(exc).strip()[:300]}".splitlines()[0])
+            print(f"[apo] run {cfg.run_id} ended {status}: {failure_reason(exc)[:300]}")
+            if status == "KILLED" and not isinstance(exc, Exception):
+                crashed(exc)  # a signal: the process may end before Prefect records a final state
             raise
+
+
+def crashed(exc: BaseException) -> None:
+    """Mark this flow run Cancelled (when a cancel was asked for) or Crashed, naming `exc`."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelled, Crashed
+
+    if not flow_run.id:
+        return
+    with suppress(Exception), get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).state
+        state = Cancelled if current is not None and current.is_cancelling() else Crashed
+        client.set_flow_run_state(flow_run.id, state(message=f"apo: {failure_reason(exc)}"), force=True)
 
 
 @task(name="start_run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_not_a_preflight_failure)

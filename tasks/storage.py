@@ -468,15 +468,26 @@ def put_dir(local: Path, uri: str) -> None:
 
 def localize_dir(uri: str) -> Path:
     """A local folder holding `uri`'s files: itself when local, else a download in the cache
-    (into a temp folder renamed when complete, so a broken download never looks cached)."""
+    (into a temp folder renamed when complete, so a broken download never looks cached). The
+    cached copy is keyed by the folder's content as its listing states it (each file's path,
+    size and ETag), so a folder rewritten under the same URI is downloaded again, never served
+    stale; the copies of its earlier contents are removed."""
     if is_local(uri):
         return local_path(uri)
     fs, path = fs_path(uri)
     from apo_core.tokenizer import cache_dir  # the one cache folder of apo ($APO_CACHE_DIR)
 
     cache = cache_dir()
-    target = cache / "downloads" / path.strip("/").replace("/", "__")
+    listed = with_retries("list", uri, lambda: fs.find(path.rstrip("/"), detail=True))
+    root = path.strip("/")
+    content = hashlib.sha256("\n".join(
+        f"{p.strip('/')[len(root):]}\0{info.get('size')}\0{info.get('ETag') or info.get('etag') or info.get('LastModified')}"
+        for p, info in sorted(listed.items())).encode()).hexdigest()[:16]
+    slug = root.replace("/", "__")
+    target = cache / "downloads" / f"{slug}@{content}"
     if not target.exists():
+        for stale in (cache / "downloads").glob(f"{slug}@*"):
+            shutil.rmtree(stale, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".dl-"))
 

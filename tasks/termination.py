@@ -5,7 +5,7 @@ Everywhere else a SIGTERM is Prefect's: its flow engine turns it into Terminatio
 ends the stage's and the pipeline's MLflow runs KILLED (tasks/run.py pipeline_run) and the
 process with the signal. Inside `deferred()` the first SIGTERM only records its time; the
 trainer polls it after every step (apo_core.trainer StopRequested) and the stage then ends the
-same way, as Preempted. A second SIGTERM inside the block goes to the handler that was there
+same way, as Preempted (then an ordinary error: the stop itself is over). A second SIGTERM inside the block goes to the handler that was there
 before: stop at once.
 """
 
@@ -21,16 +21,10 @@ from typing import Callable, Iterator
 from prefect.exceptions import TerminationSignal
 
 
-class Preempted(TerminationSignal):
+class Preempted(RuntimeError):
     """Training stopped for a SIGTERM at a step boundary; the message says what was checkpointed.
-    A TerminationSignal, so Prefect's engine treats it as the signal it is."""
-
-    def __init__(self, message: str):
-        super().__init__(signal.SIGTERM)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    An ordinary error once the stop is done: the flow run ends Failed with it, the MLflow runs
+    KILLED (tracking.stopped_from_outside), `apo run` exits 1 (resumable) with it as its last line."""
 
 
 @contextmanager

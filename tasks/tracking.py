@@ -89,6 +89,20 @@ def stopped_from_outside(exc: BaseException) -> bool:
                          "LeaseLost", "RunCancelled", "Preempted"})
 
 
+def failure_reason(exc: BaseException) -> str:
+    """`exc` in one line: its type and message, or the signal's name for a signal.
+
+    >>> failure_reason(ValueError("bad\\nvalue")), failure_reason(KeyboardInterrupt())
+    ('ValueError: bad', 'KeyboardInterrupt')
+    """
+    import signal
+
+    text = str(exc).strip()
+    if not text and isinstance(getattr(exc, "signal", None), int):
+        text = f"{signal.Signals(exc.signal).name} received"
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__).splitlines()[0][:500]
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str = "apo", artifact_location: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -247,7 +261,7 @@ class Tracker:
         cancellation, a lost lease), FAILED otherwise; the reason's first line as tag apo.failure.
         Returns the status. Never raises: the original error is what the caller reports."""
         status = "KILLED" if stopped_from_outside(exc) else "FAILED"
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+        reason = failure_reason(exc)
         with contextlib.suppress(Exception):
             self.set_tags(run_id, {FAILURE_TAG: reason})
         with contextlib.suppress(Exception):

@@ -113,8 +113,7 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
             trainer.train(prompts, ckpt_dir, on_step=on_step, on_checkpoint=on_checkpoint, before_publish=before_publish,
                           stop_requested=since_sigterm)
         except StopRequested as exc:
-            print(f"apo: stopped: {exc}; rerun the same run id to resume", file=sys.stderr, flush=True)
-            raise termination.Preempted(str(exc)) from None
+            raise termination.Preempted(f"{exc}; rerun the same run id to resume") from None
     with gathered(model), storage.writing("the trained model", work / "model"):  # full weights also under ZeRO-3 (collective)
         if lead:
             if cfg.train.lora:  # the adapter on its own, then the merged weights evaluation and engines load

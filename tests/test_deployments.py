@@ -386,3 +386,64 @@ def test_a_failed_shard_fails_the_pipeline_naming_it(stack, deployed_run, tiny_m
         assert f"shard {g + 1}/2" in message and str(run.id) in message and "ended Failed" in message
     assert s3fs.S3FileSystem().exists("apo-test/deployed/broken/preprocess/_COMPLETE.json")
     assert not s3fs.S3FileSystem().exists("apo-test/deployed/broken/sample_reference/_COMPLETE.json")
+
+
+@pytest.mark.slow
+def test_two_flow_runs_of_one_run_id_one_writer(stack, deployed_run, tiny_model_dir):
+    """Two `apo/full` flow runs for one run id (a double click, a retried deployment run): the one
+    that takes the run's lease runs, the other fails before any stage naming the holder; the run
+    that went through ends as a lone run does (the accuracies of `deployed_run`, same settings)."""
+    import s3fs
+
+    config = _tiny(tiny_model_dir, "twice", stack["mlflow"])
+    ids = [_start(stack, "--params", json.dumps({"config": config})) for _ in range(2)]
+    runs = [_wait_final(stack["api"], i, stack["stack"]) for i in ids]
+    done = [r for r in runs if r.state.is_completed()]
+    refused = [r for r in runs if r.state.is_failed()]
+    assert len(done) == 1 and len(refused) == 1, [(r.id, r.state.name, r.state.message) for r in runs]
+    message = refused[0].state.message or ""
+    assert "run twice is being written by pid" in message and f"(Prefect flow run {done[0].id})" in message, message
+    assert _children(stack["api"], refused[0]) == {}  # no stage flow run was submitted
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    ours = json.loads(fs.cat_file("apo-test/deployed/twice/summary.json"))
+    lone = json.loads(fs.cat_file("apo-test/deployed/deployed/summary.json"))
+    assert (ours["reference_accuracy"], ours["trained_accuracy"]) == (lone["reference_accuracy"], lone["trained_accuracy"])
+    leases = fs.ls("apo-test/deployed/twice/_lease", detail=False)
+    assert len(leases) == 1 and json.loads(fs.cat_file(leases[0]))["released"] is True
+    with _client(stack["api"]) as client:
+        assert "apo-run-twice" not in [lim.name for lim in client.read_global_concurrency_limits()]
+
+
+@pytest.mark.slow
+def test_cancelling_the_pipeline_cancels_its_running_stage_runs(stack, deployed_run, tiny_model_dir):
+    """Cancel the apo flow run while its stage-1 shard runs work: the shard runs end Cancelled with
+    it, no later stage starts, and the MLflow pipeline run ends KILLED with the reason."""
+    from mlflow.tracking import MlflowClient
+    from prefect.states import Cancelling
+
+    config = _tiny(tiny_model_dir, "cancelled", stack["mlflow"], **{"reference.max_new_tokens": 48, "reference.n_samples": 4})
+    parent_id = _start(stack, "--params", json.dumps({"config": config}))
+    deadline = time.monotonic() + 600
+    with _client(stack["api"]) as client:
+        while True:
+            parent = client.read_flow_run(parent_id)
+            shards = _children(stack["api"], parent).get(STAGE_DEPLOYMENTS["sample_reference"], [])
+            if any(r.state is not None and r.state.is_running() for r in shards):
+                break
+            assert not parent.state.is_final() and time.monotonic() < deadline, (parent.state, stack["stack"].logs())
+            time.sleep(0.5)
+        client.set_flow_run_state(parent_id, Cancelling(message="cancelled by the test"), force=True)
+    parent = _wait_final(stack["api"], parent_id, stack["stack"])
+    assert parent.state.is_cancelled(), parent.state
+    children = _children(stack["api"], parent)
+    shards = children[STAGE_DEPLOYMENTS["sample_reference"]]
+    for run in shards:
+        final = _wait_final(stack["api"], run.id, stack["stack"], seconds=300)
+        assert final.state.is_cancelled() or final.state.is_completed(), final.state  # none left running
+    assert any(_wait_final(stack["api"], r.id, stack["stack"]).state.is_cancelled() for r in shards)
+    assert STAGE_DEPLOYMENTS["aggregate_vstar"] not in children
+    client = MlflowClient(stack["mlflow"])
+    [pipeline] = client.search_runs([client.get_experiment_by_name("apo").experiment_id],
+                                    filter_string="tags.`apo.run_id` = 'cancelled' and tags.`apo.role` = 'pipeline'")
+    assert pipeline.info.status == "KILLED" and pipeline.data.tags.get("apo.failure"), pipeline.data.tags

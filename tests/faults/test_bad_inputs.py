@@ -384,3 +384,46 @@ def test_apo_run_reports_a_refused_run_in_one_line(prefect_api, tmp_path, monkey
     assert last.startswith("apo: ") and "no-such-model" in last, err.getvalue()[-2000:]
     record_fault("bad-input", "`apo run` with a model path that does not exist",
                  f"exit 2 before any model load; last line `{last[:140]}`")
+
+
+def test_changed_data_under_a_run_id_recomputes_from_preprocess_and_names_the_file(good_run, tmp_path, capsys, record_fault):
+    from tasks.preprocess import preprocess
+    from tasks.run import start_run
+    from tasks.sample_reference import stage_fingerprint
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=?", "answer": str(i + 1)}) + "\n" for i in range(96)))
+    cfg, *_ = good_run
+    custom = cfg.model_copy(update={"run_id": "datachanged", "data": cfg.data.model_copy(
+        update={"name": "custom", "train_path": str(path), "test_path": str(path), "train_size": None, "test_size": 8})})
+    first = preprocess.fn(start_run.fn(custom))
+    again = preprocess.fn(start_run.fn(custom))
+    assert again.status == "skipped" and again.fingerprint == first.fingerprint  # the same bytes: reused
+    kept = path.read_text().splitlines()[:48]
+    path.write_text("\n".join(kept) + "\n")  # the file cut to 48 rows under the same run id
+    capsys.readouterr()
+    changed = preprocess.fn(start_run.fn(custom))
+    said = [line for line in capsys.readouterr().out.splitlines() if "input changed since it ran" in line]
+    assert changed.status == "ran" and changed.metrics["data/train"] == 48.0
+    assert len(said) == 1 and f"data.train_path ({path} sha256:" in said[0] and "recomputing it and every stage after it" in said[0]
+    assert stage_fingerprint(custom, changed) != stage_fingerprint(custom, first)  # stage 1 (and so all after it) recomputes
+    record_fault("bad-input", "the training file changed under a run id (96 rows cut to 48), config unchanged",
+                 "preprocess saw the file's new sha256 (size/mtime changed, so it was re-hashed), said which input changed, "
+                 "recomputed (48 prompts), and every later stage's fingerprint changed with it; the same bytes were reused")
+
+
+def test_preflight_warns_when_a_local_root_has_less_space_than_the_run_needs(tiny_model_dir, tmp_path, capsys, record_fault):
+    from tasks.preflight import check_free_space
+
+    big = tmp_path / "big-model"
+    shutil.copytree(tiny_model_dir, big)
+    with open(big / "model.safetensors", "r+b") as f:  # sparse weights as large as the free space: x11 cannot fit
+        f.truncate(shutil.disk_usage(tmp_path).free)
+    cfg = load_config(overrides=[f"model.path={big}"])
+    check_free_space(cfg, str(tmp_path / "run"))
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[preflight] WARNING:")]
+    assert len(warning) == 1 and "GiB free; this run may write ~" in warning[0] and "3 checkpoints of ~3x" in warning[0]
+    check_free_space(load_config(overrides=[f"model.path={tiny_model_dir}"]), str(tmp_path / "run"))
+    assert "WARNING" not in capsys.readouterr().out  # 4 MB of weights fit
+    record_fault("disk", "a local artifact root with less free space than the run's estimate (weights x 11)",
+                 f"preflight warned before anything started: `{warning[0][:160]}...`; the run goes on (the estimate is rough)")

@@ -148,12 +148,13 @@ def test_a_local_write_that_fails_midway_leaves_no_file(tmp_path, monkeypatch, r
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage.os, "replace", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(storage.DiskFull, match=f"no space left on device writing 25 bytes to {target}"):
         storage.write_bytes(str(target), b"new file that never lands")
     assert target.read_bytes() == b"old complete file"
     assert [p.name for p in target.parent.iterdir()] == ["samples.parquet"]  # no temp file left behind
     record_fault("storage", "disk full while publishing a local file (rename fails)",
-                 "the previous complete file stays; no partial or temp file left; not retried")
+                 "one line (DiskFull: no space left on device writing <bytes> to <path>, MiB free); the previous complete "
+                 "file stays; no partial or temp file left; not retried")
 
 
 def test_a_missing_object_on_a_live_endpoint_is_not_retried(durable_s3, capsys):
@@ -253,3 +254,23 @@ def test_long_outage_fails_the_stage_cleanly_and_a_rerun_resumes(prefect_api, du
     record_fault("storage", "S3 endpoint SIGKILLed at the first write of sample_reference and kept down (policy: 3 attempts, 1 s)",
                  "stage failed with one line (storage: write <uri> failed after 3 attempts ...), no marker or samples published, "
                  "preprocess output unchanged; the rerun with the same run id skipped preprocess and completed")
+
+
+def test_a_folder_rewritten_under_the_same_uri_is_downloaded_again(s3_endpoint, tmp_path, monkeypatch, record_fault):
+    import s3fs
+
+    monkeypatch.setenv("APO_CACHE_DIR", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem()
+    uri = "s3://apo-test/rewritten/model"
+    fs.pipe({"apo-test/rewritten/model/config.json": b'{"v": 1}', "apo-test/rewritten/model/weights.bin": b"old weights"})
+    first = storage.localize_dir(uri)
+    assert (first / "weights.bin").read_bytes() == b"old weights"
+    assert storage.localize_dir(uri) == first  # unchanged content: the cached copy
+    fs.pipe({"apo-test/rewritten/model/weights.bin": b"new weights, same path"})
+    fs.invalidate_cache()
+    second = storage.localize_dir(uri)
+    assert second != first and (second / "weights.bin").read_bytes() == b"new weights, same path"
+    assert not first.exists()  # the copy of the old content is gone
+    record_fault("storage", "a model folder on S3 rewritten under the same URI after a run had downloaded it",
+                 "the cache key (each file's path, size and ETag from the listing) changed, so the folder was "
+                 "downloaded again instead of served stale; the copy of the old content was removed")

@@ -90,5 +90,43 @@ def generate(model_dir: str, out_dir: str, zero: str) -> None:
         "step": {"n_tokens": [s["n_tokens"] for s in samples], "loss": metrics["train/loss"]}}))
 
 
+class DrawingEngine(FixedEngine):
+    """FixedEngine whose guess also draws from torch's global RNG: each rank's rollouts depend on
+    its own RNG stream, which a resume must restore (apo_core.checkpoints rng_rank*.pt)."""
+
+    def generate(self, prompts, **_):
+        self.calls += 1
+        out = []
+        for p in prompts:
+            a, b = (int(x) for x in p.split("=")[0].split("+"))
+            guess = a + b + int(torch.randint(-1, 2, ()).item())
+            ids = self.tokenizer.encode(f"{a}+{b}={guess}. #### {guess}") + [self.tokenizer.eos_token_id]
+            out.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, "stop"))
+        return out
+
+
+def resumable(model_dir: str, out_dir: str, zero: str, part: str) -> None:
+    """Part `all`: 3 steps, a checkpoint after each. Part `first`: steps 1-2 only; part `rest`: a
+    new process (other seed) resumes from step_000002 and trains step 3. Writes each step's loss
+    and responses per rank (steps_<part>_<rank>.json) and, on rank 0, the final weights."""
+    torch.manual_seed(0 if part != "rest" else 12345)  # the resume must not depend on the seed it starts with
+    model, tok = load_model_and_tokenizer(model_dir)
+    cfg = TrainConfig(steps=2 if part == "first" else 3, rollout_batch_size=16, minibatch_size=8, lr=1e-3,
+                      max_new_tokens=16, checkpoint_every=1, keep_checkpoints=3, deepspeed=DeepSpeedSettings(zero_stage=int(zero)))
+    trainer = OnlineTrainer(model, reference_of(model), tok, DrawingEngine(tok), gsm8k_reward, cfg)
+    out = Path(out_dir)
+    if part == "rest":
+        trainer.load_checkpoint(out / "checkpoints" / "step_000002")
+    steps = {}
+    trainer.train(PROMPTS, out / "checkpoints",
+                  on_step=lambda s, m, samples: steps.update({s: {"loss": m["train/loss"], "responses": [x["response"] for x in samples]}}))
+    (out / f"steps_{part}_{trainer.rank}.json").write_text(json.dumps(steps))
+
+
 if __name__ == "__main__":
-    (generate if sys.argv[4:5] == ["generate"] else main)(*sys.argv[1:4])
+    if sys.argv[4:5] == ["generate"]:
+        generate(*sys.argv[1:4])
+    elif sys.argv[4:5] in (["all"], ["first"], ["rest"]):
+        resumable(*sys.argv[1:5])
+    else:
+        main(*sys.argv[1:4])
