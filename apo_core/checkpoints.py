@@ -105,7 +105,8 @@ def save(trainer: OnlineTrainer, checkpoint_dir: Path, before_publish: Callable[
 def _write(trainer: OnlineTrainer, tmp: Path, final: Path, lead: bool, before_publish: Callable[[Path], None] | None) -> None:
     """Every file of one checkpoint into `tmp`, then the rename to `final`."""
     position = trainer.data_position(trainer.n_prompts) if trainer.n_prompts else None
-    state: dict = {"step": trainer.step, "vstar_hash": trainer.vstar_hash, "data_position": position}
+    state: dict = {"step": trainer.step, "vstar_hash": trainer.vstar_hash, "data_position": position,
+                   "train_seconds": trainer.train_seconds}
     # each rank's own RNG streams (under DeepSpeed the ranks draw different numbers)
     torch.save(rng_state(), tmp / f"rng_rank{trainer.rank:03d}.pt")
     if trainer.ds is not None:  # every rank writes its own optimizer / parameter shards
@@ -119,7 +120,8 @@ def _write(trainer: OnlineTrainer, tmp: Path, final: Path, lead: bool, before_pu
         trainer.tokenizer.save_pretrained(tmp / "model")
         torch.save(state, tmp / STATE_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": trainer.step, "data_position": position, "world_size": trainer.world_size,
+            "step": trainer.step, "train_seconds": round(trainer.train_seconds, 3), "data_position": position,
+            "world_size": trainer.world_size,
             "vstar_hash": trainer.vstar_hash, "vstar_hash_of": "sorted (prompt_id, vstar) pairs of the training prompts",
             "train_config": trainer.cfg.model_dump(mode="json")}, indent=2))
         if before_publish:
@@ -165,6 +167,7 @@ def load(trainer: OnlineTrainer, path: Path, vstar_hash: str | None = None) -> N
     if rng is not None:
         set_rng_state(rng)
     trainer.step = int(blob["step"])
+    trainer.train_seconds = float(blob.get("train_seconds", 0.0))  # absent in checkpoints older than time_budget_s
     trainer.resumed_from = resumed
     trainer.last_checkpoint = path
 

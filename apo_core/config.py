@@ -183,6 +183,8 @@ class TrainConfig(Section):
     """Sampling temperature of the on-policy responses."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest on-policy response."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Wall-clock seconds of training (rollout steps and checkpoints, summed over resumes) after which training ends as if `steps` were reached: the step in progress finishes, is checkpointed and its model published. For a run that must fit a time slot, or a comparison at equal wall time. None: `steps` alone decides."""
     max_nonfinite_in_a_row: int = Field(3, ge=1)
     """Updates with a NaN/inf loss or gradient are skipped and counted (train/nonfinite_skipped); this many in a row stop the run, naming the step and the last good checkpoint."""
     checkpoint_every: int = Field(20, ge=1)

@@ -148,6 +148,7 @@ class OnlineTrainer:
         # ZeRO-3: every call of a partitioned module is a collective, so ranks score blocks of one shape
         self.lockstep = self.ds is not None and partitioned(policy)
         self.step = 0  # rollout steps completed
+        self.train_seconds = 0.0  # wall-clock seconds of rollout steps and checkpoints, over resumes (time_budget_s)
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
         self.last_checkpoint: Path | None = None
         self.save_seconds: float | None = None  # how long the last checkpoint took to write
@@ -332,13 +333,17 @@ class OnlineTrainer:
             checkpoints.check_resume(self.resumed_from, self.vstar_hash, len(prompts))
         self.policy.train()
         self._sync_engine()  # covers weights restored from a checkpoint
-        while self.step < self.cfg.steps:
+        while self.step < self.cfg.steps and not self.out_of_time():
+            started = time.perf_counter()
             metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
+            self.train_seconds += time.perf_counter() - started
             if on_step:
                 on_step(self.step, metrics, samples)
-            due = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+            due = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time()
             if due:
+                started = time.perf_counter()
                 path = self.save_checkpoint(checkpoint_dir, before_publish)
+                self.train_seconds += time.perf_counter() - started
                 if on_checkpoint:
                     on_checkpoint(path)
             if stop_requested is not None:
@@ -348,6 +353,17 @@ class OnlineTrainer:
                     since = None if since < 0 else since
                 if since is not None:
                     self._stop(since, due, checkpoint_dir, before_publish, on_checkpoint)
+
+    def out_of_time(self) -> bool:
+        """True once cfg.time_budget_s of training is spent (every rank agrees: rank 0's clock decides)."""
+        if self.cfg.time_budget_s is None:
+            return False
+        spent = self.train_seconds >= self.cfg.time_budget_s
+        if self.world_size > 1:
+            flag = torch.tensor([float(spent)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        return spent
 
     def checkpoint_seconds(self) -> float:
         """How long the next checkpoint takes to write: the last one's time, else an estimate from

@@ -39,7 +39,7 @@ from .stage import RunContext, StageIO, StageResult, fingerprint, run_stage, sam
 # Fields that may change between a run and its resume without invalidating checkpoints, and of
 # those the ones that never change what training computes (not in the stage's fingerprint either).
 _NOT_RESULTS = {"grace_s"}
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", *_NOT_RESULTS}
+_RESUMABLE_CHANGES = {"steps", "time_budget_s", "checkpoint_every", "keep_checkpoints", *_NOT_RESULTS}
 SAMPLES_PER_STEP = 4  # responses per step kept for the sample table
 
 
@@ -114,6 +114,9 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
                           stop_requested=since_sigterm)
         except StopRequested as exc:
             raise termination.Preempted(f"{exc}; rerun the same run id to resume") from None
+    if trainer.step < cfg.train.steps and lead:
+        print(f"[train_online] train.time_budget_s {cfg.train.time_budget_s:g}s spent ({trainer.train_seconds:.1f}s) "
+              f"after step {trainer.step}/{cfg.train.steps}: training ends here")
     with gathered(model), storage.writing("the trained model", work / "model"):  # full weights also under ZeRO-3 (collective)
         if lead:
             if cfg.train.lora:  # the adapter on its own, then the merged weights evaluation and engines load

@@ -371,3 +371,31 @@ def test_entropy_bonus_raises_the_policys_entropy(tiny_model_dir, tmp_path):
     assert "train/entropy" not in plain[0] and bonus[0]["train/entropy"] > 0
     assert bonus[0]["rollout/reward_mean"] == plain[0]["rollout/reward_mean"]  # the first rollout is the same
     assert bonus_entropy > plain_entropy + 1e-3
+
+
+def test_time_budget_ends_training_after_the_step_that_spends_it_and_counts_over_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """A fake clock: every call of perf_counter advances it 1 s, so every step and checkpoint spends
+    whole seconds of the budget whatever the machine's speed."""
+    import apo_core.trainer as trainer_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(ticks)))
+    trainer = make_trainer(tiny_model_dir, steps=50, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
+                           time_budget_s=4.5)
+    trainer.train(PROMPTS, tmp_path)
+    assert trainer.step < 50 and trainer.out_of_time()
+    assert trainer.train_seconds >= 4.5
+    [last] = list_checkpoints(tmp_path)[-1:]
+    assert last.name == f"step_{trainer.step:06d}"  # the step that spent the budget is checkpointed
+    resumed = make_trainer(tiny_model_dir, steps=50, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
+                           time_budget_s=4.5)
+    resumed.load_checkpoint(last)
+    # the spent seconds come back (those of the checkpoint's own write are not in it)
+    assert 4.5 <= resumed.train_seconds < trainer.train_seconds
+    resumed.train(PROMPTS, tmp_path)
+    assert resumed.step == trainer.step  # nothing left of the budget: no more steps
+    more = make_trainer(tiny_model_dir, steps=50, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
+                        time_budget_s=100.0)
+    more.load_checkpoint(last)
+    more.train(PROMPTS, tmp_path)
+    assert more.step == 50  # a larger budget: steps decide again
