@@ -183,6 +183,8 @@ class TrainConfig(Section):
     """Sampling temperature of the on-policy responses."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest on-policy response."""
+    length_buckets: int = Field(2, ge=1)
+    """Score a minibatch (policy and pi_ref log-probs) in this many forwards of rows of similar length, each padded only to its own longest row: the same loss and gradient without the compute of padding when response lengths vary. 1: one forward per minibatch. DeepSpeed ZeRO-3 always uses 1 (its ranks must call the model in lockstep)."""
     time_budget_s: float | None = Field(None, gt=0)
     """Wall-clock seconds of training (rollout steps and checkpoints, summed over resumes) after which training ends as if `steps` were reached: the step in progress finishes, is checkpointed and its model published. For a run that must fit a time slot, or a comparison at equal wall time. None: `steps` alone decides."""
     max_nonfinite_in_a_row: int = Field(3, ge=1)

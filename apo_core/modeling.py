@@ -226,6 +226,16 @@ class TokenBatch:
     def select(self, rows: slice | Tensor) -> "TokenBatch":
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows])
 
+    def compact(self) -> "TokenBatch":
+        """The same rows without the columns that are padding in every row: leading prompt
+        columns and trailing response columns (positions follow the attention mask, so scores
+        do not change)."""
+        P, T = self.prompt_len, self.response_mask.shape[1]
+        first = int(self.attention_mask[:, :P].any(0).int().argmax()) if P and bool(self.attention_mask[:, :P].any()) else P
+        longest = int(self.response_mask.sum(-1).max()) if self.response_mask.numel() else 0
+        keep = TokenBatch(self.input_ids[:, first:], self.attention_mask[:, first:], self.response_mask)
+        return keep.with_response_len(max(1, longest)) if longest < T else keep
+
     def with_response_len(self, T: int) -> "TokenBatch":
         """The response block cut to its first T tokens, or right-padded to T with masked ones."""
         extra = T - self.response_mask.shape[1]
@@ -326,14 +336,41 @@ def _output_layer_name(lm) -> str | None:
     return next((name for name, child in lm.named_children() if child is head), None) if head is not None else None
 
 
-def response_logprobs(model, batch: TokenBatch, with_entropy: bool = False):
+def length_buckets(batch: TokenBatch, buckets: int) -> list[Tensor]:
+    """Row indices of `batch` sorted by length (prompt + response tokens) and cut into at most
+    `buckets` groups of equal row count: rows of one group need little padding between them.
+
+    >>> b = collate([[1], [1, 2, 3], [1, 2]], [[4], [4, 5, 6], [4]], pad_id=0)  # 2, 6 and 3 tokens
+    >>> [g.tolist() for g in length_buckets(b, 2)]
+    [[0, 2], [1]]
+    """
+    lengths = batch.attention_mask.sum(-1)
+    order = torch.sort(lengths, stable=True).indices
+    return [part for part in torch.tensor_split(order, min(buckets, len(order))) if part.numel()]
+
+
+def response_logprobs(model, batch: TokenBatch, with_entropy: bool = False, buckets: int = 1):
     """Per-token log pi(y_t | x, y_<t) on the response block: (B, T), zero where masked; with
     `with_entropy` also the policy's entropy at each response position (B, T), zero where masked.
 
     Position ids follow the attention mask, so left padding does not shift positions and the
     scores match what generation saw. The logits are never materialised as one (B, T, V) tensor
     (`_ChunkedScores`): at a 151,936-token vocabulary they, not the model, would set the memory.
+
+    `buckets` > 1: the rows are scored in that many forwards of rows of similar length
+    (`length_buckets`), each cut to its own longest prompt and response (`TokenBatch.compact`),
+    and put back in order: the same scores, and one graph for the backward, without the compute
+    of the padding a single (B, P+T) block carries when lengths vary.
     """
+    if buckets > 1 and batch.input_ids.shape[0] > 1:
+        T = batch.response_mask.shape[1]
+        groups = length_buckets(batch, buckets)
+        parts = [response_logprobs(model, batch.select(rows).compact(), with_entropy) for rows in groups]
+        widen = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731 - masked positions: 0
+        inverse = torch.argsort(torch.cat(groups)).to(batch.input_ids.device)
+        if with_entropy:
+            return tuple(torch.cat([widen(p[k]) for p in parts])[inverse] for k in (0, 1))
+        return torch.cat([widen(p) for p in parts])[inverse]
     position_ids = left_pad_positions(batch.attention_mask)
     P, T = batch.prompt_len, batch.response_mask.shape[1]
     targets = batch.input_ids[:, P:]

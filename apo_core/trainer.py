@@ -147,6 +147,7 @@ class OnlineTrainer:
             self.device = self.ds.device
         # ZeRO-3: every call of a partitioned module is a collective, so ranks score blocks of one shape
         self.lockstep = self.ds is not None and partitioned(policy)
+        self.buckets = 1 if self.lockstep else cfg.length_buckets  # forwards per minibatch (modeling.length_buckets)
         self.step = 0  # rollout steps completed
         self.train_seconds = 0.0  # wall-clock seconds of rollout steps and checkpoints, over resumes (time_budget_s)
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
@@ -218,7 +219,7 @@ class OnlineTrainer:
                          self.tokenizer.pad_token_id).to(self.device)
         tokens = tokens.with_response_len(self._same_on_every_rank(tokens.response_mask.shape[1]))
         with torch.no_grad():
-            ref_logp = response_logprobs(self.ref_policy, tokens)  # (R, T)
+            ref_logp = response_logprobs(self.ref_policy, tokens, buckets=self.buckets)  # (R, T)
         return Rollout(
             completions, rewards, tokens, ref_logp,
             reward=torch.tensor(rewards, dtype=torch.float32, device=self.device),
@@ -235,9 +236,9 @@ class OnlineTrainer:
         mb = mb.with_response_len(T)
         trained = self.ds if self.ds is not None else self.policy
         if cfg.entropy_coef > 0:
-            logp, token_entropies = response_logprobs(trained, mb, with_entropy=True)
+            logp, token_entropies = response_logprobs(trained, mb, with_entropy=True, buckets=self.buckets)
         else:
-            logp = response_logprobs(trained, mb)
+            logp = response_logprobs(trained, mb, buckets=self.buckets)
         loss, metrics = apo_loss(logp, rollout.ref_logp[rows, :T], mb.response_mask, rollout.reward[rows], rollout.vstar[rows], cfg.beta2)
         if cfg.entropy_coef > 0:
             entropy = mean_entropy(token_entropies, mb.response_mask)

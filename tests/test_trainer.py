@@ -399,3 +399,24 @@ def test_time_budget_ends_training_after_the_step_that_spends_it_and_counts_over
     more.load_checkpoint(last)
     more.train(PROMPTS, tmp_path)
     assert more.step == 12  # a larger budget: steps decide again
+
+
+def test_length_buckets_give_the_scores_and_gradient_of_one_padded_forward(tiny_model_dir):
+    """Rows of very different lengths scored in 3 length buckets (each cut to its own longest
+    prompt and response) equal one forward over the whole padded block, scores and gradients."""
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    prompts = [tok.encode(p) for p in ("1+1=?\n", "123+456-78=?\n", "9=?\n", "40+2=?\n", "7-3+11+19=?\n")]
+    responses = [tok.encode(r) + [tok.eos_token_id] for r in ("2", "501. #### 501", "9", "42 #### 42", "34")]
+    batch = collate(prompts, responses, tok.pad_token_id)
+    grads = []
+    for buckets in (1, 3):
+        model.zero_grad()
+        logp, entropy = response_logprobs(model, batch, with_entropy=True, buckets=buckets)
+        (logp.sum() + entropy.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if buckets == 1:
+            one_logp, one_entropy = logp.detach(), entropy.detach()
+    assert torch.allclose(logp, one_logp, atol=1e-5) and torch.allclose(entropy, one_entropy, atol=1e-5)
+    assert (logp[batch.response_mask == 0] == 0).all()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
