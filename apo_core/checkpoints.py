@@ -106,7 +106,7 @@ def _write(trainer: OnlineTrainer, tmp: Path, final: Path, lead: bool, before_pu
     """Every file of one checkpoint into `tmp`, then the rename to `final`."""
     position = trainer.data_position(trainer.n_prompts) if trainer.n_prompts else None
     state: dict = {"step": trainer.step, "vstar_hash": trainer.vstar_hash, "data_position": position,
-                   "train_seconds": trainer.train_seconds}
+                   "train_seconds": trainer.train_seconds, "last_step_seconds": trainer.last_step_seconds}
     # each rank's own RNG streams (under DeepSpeed the ranks draw different numbers)
     torch.save(rng_state(), tmp / f"rng_rank{trainer.rank:03d}.pt")
     if trainer.ds is not None:  # every rank writes its own optimizer / parameter shards
@@ -168,6 +168,7 @@ def load(trainer: OnlineTrainer, path: Path, vstar_hash: str | None = None) -> N
         set_rng_state(rng)
     trainer.step = int(blob["step"])
     trainer.train_seconds = float(blob.get("train_seconds", 0.0))  # absent in checkpoints older than time_budget_s
+    trainer.last_step_seconds = float(blob.get("last_step_seconds", 0.0))
     trainer.resumed_from = resumed
     trainer.last_checkpoint = path
 

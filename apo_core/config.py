@@ -186,7 +186,7 @@ class TrainConfig(Section):
     length_buckets: int = Field(2, ge=1)
     """Score a minibatch (policy and pi_ref log-probs) in this many forwards of rows of similar length, each padded only to its own longest row: the same loss and gradient without the compute of padding when response lengths vary. 1: one forward per minibatch. DeepSpeed ZeRO-3 always uses 1 (its ranks must call the model in lockstep)."""
     time_budget_s: float | None = Field(None, gt=0)
-    """Wall-clock seconds of training (rollout steps and checkpoints, summed over resumes) after which training ends as if `steps` were reached: the step in progress finishes, is checkpointed and its model published. For a run that must fit a time slot, or a comparison at equal wall time. None: `steps` alone decides."""
+    """Wall-clock seconds training may take (rollout steps and checkpoints, summed over resumes): it ends, as if `steps` were reached, before a step that would not finish (with its checkpoint) within them, judged by the last step's time; that step is checkpointed and its model published. For a run that must fit a time slot, or a comparison at equal wall time. None: `steps` alone decides."""
     max_nonfinite_in_a_row: int = Field(3, ge=1)
     """Updates with a NaN/inf loss or gradient are skipped and counted (train/nonfinite_skipped); this many in a row stop the run, naming the step and the last good checkpoint."""
     checkpoint_every: int = Field(20, ge=1)

@@ -25,7 +25,7 @@ from .checkpoints import vstar_table_hash
 from .config import TrainConfig
 from .engines import Completion, GenerationEngine
 from .distributed import all_max, gathered, partitioned
-from .modeling import TokenBatch, collate, response_logprobs
+from .modeling import TokenBatch, collate, response_logprobs, sparse_tied_embedding_grad
 from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
 from .rewards import RewardFn
@@ -54,9 +54,10 @@ LARGE_MODEL_PARAMS = 100_000_000  # from here on the memory savings of "auto" ar
 
 def memory_plan(cfg: TrainConfig, n_params: int, n_trained: int) -> dict:
     """How the trainer holds memory, "auto" settings resolved by model size: the optimizer
-    state's dtype (DeepSpeed: always its own fp32), activation checkpointing, and whether
+    state's dtype (DeepSpeed: always its own fp32), activation checkpointing, whether
     freed tensors go back to the OS at once (a large model on CPU: glibc otherwise keeps
-    the freed blocks of one step's temporaries, gigabytes at 0.5B, in the process).
+    the freed blocks of one step's temporaries, gigabytes at 0.5B, in the process), and whether
+    a tied input embedding's gradient is sparse (modeling.sparse_tied_embedding_grad).
 
     >>> memory_plan(TrainConfig(), n_params=494_000_000, n_trained=494_000_000)["optimizer_state_dtype"]
     'bfloat16'
@@ -75,7 +76,7 @@ def memory_plan(cfg: TrainConfig, n_params: int, n_trained: int) -> dict:
     if in_backward and (state != "bfloat16" or cfg.deepspeed is not None):
         raise ValueError("train.update_in_backward needs train.optimizer_state_dtype bfloat16 and no DeepSpeed")
     return {"optimizer_state_dtype": state, "gradient_checkpointing": ckpt, "update_in_backward": in_backward,
-            "return_freed_memory": large}
+            "return_freed_memory": large, "sparse_embedding_grad": large and cfg.deepspeed is None}
 
 
 def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool:
@@ -133,6 +134,8 @@ class OnlineTrainer:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.memory["return_freed_memory"]:
             return_freed_memory_to_os()
+        if self.memory["sparse_embedding_grad"]:
+            self.memory["sparse_embedding_grad"] = sparse_tied_embedding_grad(policy)
         self.rank, self.world_size = 0, 1
         self.ds = None  # the DeepSpeed engine wrapping the policy when cfg.deepspeed is set
         if cfg.deepspeed is not None:
@@ -149,7 +152,8 @@ class OnlineTrainer:
         self.lockstep = self.ds is not None and partitioned(policy)
         self.buckets = 1 if self.lockstep else cfg.length_buckets  # forwards per minibatch (modeling.length_buckets)
         self.step = 0  # rollout steps completed
-        self.train_seconds = 0.0  # wall-clock seconds of rollout steps and checkpoints, over resumes (time_budget_s)
+        self.train_seconds = 0.0  # wall-clock seconds spent in train(), summed over resumes (time_budget_s)
+        self.last_step_seconds = 0.0  # how long the last rollout step took (what the next one is expected to take)
         self.nonfinite_streak = 0  # optimizer updates skipped in a row for a NaN/inf loss or gradient
         self.last_checkpoint: Path | None = None
         self.save_seconds: float | None = None  # how long the last checkpoint took to write
@@ -333,11 +337,14 @@ class OnlineTrainer:
         if self.resumed_from is not None:
             checkpoints.check_resume(self.resumed_from, self.vstar_hash, len(prompts))
         self.policy.train()
+        started = time.perf_counter()
         self._sync_engine()  # covers weights restored from a checkpoint
+        self.train_seconds += time.perf_counter() - started
         while self.step < self.cfg.steps and not self.out_of_time():
             started = time.perf_counter()
             metrics, samples = self.train_step(self.batch_for_step(prompts, self.step))
-            self.train_seconds += time.perf_counter() - started
+            self.last_step_seconds = time.perf_counter() - started
+            self.train_seconds += self.last_step_seconds
             if on_step:
                 on_step(self.step, metrics, samples)
             due = self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time()
@@ -356,10 +363,13 @@ class OnlineTrainer:
                     self._stop(since, due, checkpoint_dir, before_publish, on_checkpoint)
 
     def out_of_time(self) -> bool:
-        """True once cfg.time_budget_s of training is spent (every rank agrees: rank 0's clock decides)."""
+        """True when one more rollout step and the checkpoint after it would not end within
+        cfg.time_budget_s, judged by the last step's time and the last checkpoint's (or its
+        estimate): the budget bounds the training, it is not overrun by a step. Every rank agrees
+        (rank 0's clock decides)."""
         if self.cfg.time_budget_s is None:
             return False
-        spent = self.train_seconds >= self.cfg.time_budget_s
+        spent = self.train_seconds + self.last_step_seconds + self.checkpoint_seconds() > self.cfg.time_budget_s
         if self.world_size > 1:
             flag = torch.tensor([float(spent)], device=self.device)
             torch.distributed.broadcast(flag, src=0)

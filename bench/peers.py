@@ -12,18 +12,22 @@ verifier), the same training prompts, the same held-out set, the same thread cou
   times its stages minus `evaluate` (stage 1 included); `race` and `memory` run the same stage
   cores in-process (rollouts.sample_reference + aggregate_vstar, then OnlineTrainer steps) so that
   the held-out set can be scored between steps.
-- `trl_grpo`: TRL GRPOTrainer, 8 generations per prompt.
+- `trl_grpo`: TRL GRPOTrainer, 4 or 8 generations per prompt (swept).
 - `trl_a2po`: TRL experimental A2POTrainer (the same algorithm): num_value_samples = N,
   beta1 = apo's default (0.5), beta2 from the sweep, filter_all_incorrect off (apo's default).
 
 Modes (keys of the JSON): `paper` (same prompts, same passes over them: wall_s, final_accuracy,
-peak_rss_mb, kl, generated_tokens), `race` (held-out accuracy against wall-clock time, scored
-every `eval_every_s`, per seed; time_to_target_s = first time at reference + 10 points, mean over
-seeds), `memory` (a random Qwen2.5-0.5B-shaped model, a few steps at the same prompts per step,
-each method at its documented defaults: peak_rss_mb), `overhead` (the share of an `apo run`'s
-wall time outside stage compute, from its summary.json), `scaling` (stage 1's seconds at four sizes
-of prompts x N; stage 2's seconds per step after a stage 1 of each N) and `gpu` (bench/gpu.sh:
-stage-2 step time and peak GPU memory, apo vs TRL GRPO, on a random Qwen2.5-1.5B-shaped model).
+peak_rss_mb, kl, generated_tokens), `equal_time` and `race` (one set of runs, peerlib/compare.py:
+GRPO's `paper` protocol at its best configuration sets a wall-time budget B; apo and A2PO train
+for B, apo bounded by its trainer's own train.time_budget_s; held-out accuracy and KL at every
+evaluation over paired seeds. `equal_time`: accuracy at B, apo vs GRPO, with 95% intervals;
+`race`: time to reference + 10 and + 15 points on each method's mean curve; also
+`time_to_grpo_accuracy` and `kl_matched`), `memory` (a random Qwen2.5-0.5B-shaped model, a few
+steps at the same prompts per step, each method at its documented defaults: peak_rss_mb),
+`overhead` (the share of an `apo run`'s wall time outside stage compute, from its summary.json),
+`scaling` (stage 1's seconds at four sizes of prompts x N; stage 2's seconds per step after a stage
+1 of each N) and `gpu` (bench/gpu.sh: stage-2 step time and peak GPU memory, apo vs TRL GRPO, on a
+random Qwen2.5-1.5B-shaped model).
 
 Fairness rules. Every method runs in its own child process (this script with --child); its peak
 RSS is the child's own VmHWM (`peak_rss_mb`) and, polled by the parent with psutil, its whole
@@ -60,12 +64,13 @@ if str(BENCH) not in sys.path:  # bench/peerlib, when this file is loaded by pat
     sys.path.append(str(BENCH))
 
 from peerlib.measures import (  # noqa: E402
-    measure_gpu, measure_memory, measure_overhead, measure_paper, measure_race, measure_scaling, targets,
+    measure_gpu, measure_memory, measure_overhead, measure_paper, measure_scaling, targets,
 )
+from peerlib.compare import measure_compare  # noqa: E402
 from peerlib.report import machine, plot, report  # noqa: E402
 from peerlib.runners import add_child_arguments, answer_child, child_main  # noqa: E402
 from peerlib.settings import (  # noqa: E402
-    APO_BETA1, GPU_SIZES, GRPO_GENERATIONS, METHODS, MODES, SIZES, base_spec, comma_floats, comma_ints,
+    APO_BETA1, COMPARE_MODES, GPU_SIZES, GRPO_GENERATIONS, METHODS, MODE_KEYS, MODES, SIZES, base_spec, comma_floats, comma_ints,
     parse_train_overrides,
 )
 
@@ -73,7 +78,7 @@ from peerlib.settings import (  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes")
-    ap.add_argument("--modes", default="paper,race,memory,overhead,scaling", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="equal_time,race,memory", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every method (the same for all)")
     for method in METHODS:
@@ -88,12 +93,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="a TrainConfig field for every apo run (repeatable; e.g. reference_dtype=model)")
     ap.add_argument("--grpo-generations", type=comma_ints, default=None,
                     help=f"generations per prompt swept for trl_grpo (comma list, each >= 2; default {GRPO_GENERATIONS})")
-    ap.add_argument("--seeds", type=comma_ints, default=None, help="race seeds")
-    ap.add_argument("--passes", type=int, default=None, help="paper: passes over the training prompts")
-    ap.add_argument("--race-sweep", choices=("best", "all"), default="best",
-                    help="race: only each method's best paper point (when paper runs too), or the whole sweep")
-    ap.add_argument("--race-budget-s", type=float, default=None, help="race: training seconds per run")
-    ap.add_argument("--eval-every-s", type=float, default=None, help="race: held-out scoring interval (training seconds)")
+    ap.add_argument("--seeds", type=comma_ints, default=None, help="paper: the seed (the first); equal_time/race: the reported seeds")
+    ap.add_argument("--screen-seed", type=int, default=None, help="equal_time/race: the seed configurations are chosen on")
+    ap.add_argument("--passes", type=int, default=None, help="paper, and GRPO in equal_time/race: passes over the training prompts")
+    ap.add_argument("--eval-every-s", type=float, default=None, help="equal_time/race: held-out scoring interval (training seconds)")
     ap.add_argument("--gpu-size", choices=sorted(GPU_SIZES), default="1.5b", help="gpu mode: the random model (tiny: CPU check)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/peers.json, --quick: results/peers-quick.json)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
@@ -108,10 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         given = getattr(args, f"lr_{method}")
         if given:
             s["lr"][method] = given
-    for key in ("beta2", "seeds", "passes", "race_budget_s", "eval_every_s", "minibatch_apo", "filter_apo",
-                "grpo_generations"):
+    for key in ("beta2", "seeds", "passes", "minibatch_apo", "filter_apo", "grpo_generations"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    for key, option in (("seeds", "seeds"), ("screen_seed", "screen_seed"), ("eval_every_s", "eval_every_s")):
+        if getattr(args, option) is not None:
+            s["compare"][key] = getattr(args, option)
     if any(g < 2 for g in s.get("grpo_generations") or []):  # one response has no group to normalise against
         sys.exit(f"peers: --grpo-generations must be at least 2 each, got {s['grpo_generations']}")
     modes = [m for m in args.modes.split(",") if m]
@@ -134,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     if "paper" in modes:
         results["paper"] = measure_paper(methods, s, base, log_dir)
-    if "race" in modes:
-        results["race"] = measure_race(methods, s, base, log_dir, results.get("paper") if args.race_sweep == "best" else None)
+    if any(m in modes for m in COMPARE_MODES):
+        results.update(measure_compare(methods, s, base, log_dir))
     if "memory" in modes:
         results["memory"] = measure_memory(methods, s, base, log_dir)
     if "overhead" in modes:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for earlier in args.merge:
         part = json.loads(earlier.read_text())
         taken = [m for m in MODES if m in part and m not in results]
-        results.update({m: part[m] for m in taken})
+        results.update({key: part[key] for m in taken for key in MODE_KEYS.get(m, (m,)) if key in part})
         results.setdefault("parts", []).append({"file": earlier.name, "modes": taken, "run": part.get("run"),
                                                 "settings": part.get("settings")})
     results["targets"] = targets(results)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                       "loadavg_end": os.getloadavg()}
     if "race" in results:
         png = out_path.with_suffix(".png")
-        plot(results["race"], png)
+        plot(results, png)
         results["run"]["plot"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))

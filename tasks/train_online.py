@@ -115,7 +115,7 @@ def train_here(cfg: ApoConfig, prompts: list[TrainPrompt], work: Path, ckpt_dir:
         except StopRequested as exc:
             raise termination.Preempted(f"{exc}; rerun the same run id to resume") from None
     if trainer.step < cfg.train.steps and lead:
-        print(f"[train_online] train.time_budget_s {cfg.train.time_budget_s:g}s spent ({trainer.train_seconds:.1f}s) "
+        print(f"[train_online] train.time_budget_s {cfg.train.time_budget_s:g}s: {trainer.train_seconds:.1f}s spent, no time for another step "
               f"after step {trainer.step}/{cfg.train.steps}: training ends here")
     with gathered(model), storage.writing("the trained model", work / "model"):  # full weights also under ZeRO-3 (collective)
         if lead:

@@ -173,9 +173,11 @@ def test_memory_plan_auto_by_model_size():
 
     big, small = dict(n_params=500_000_000, n_trained=500_000_000), dict(n_params=1_000_000, n_trained=1_000_000)
     assert memory_plan(TrainConfig(), **big) == {"optimizer_state_dtype": "bfloat16", "gradient_checkpointing": True,
-                                                 "update_in_backward": True, "return_freed_memory": True}
+                                                 "update_in_backward": True, "return_freed_memory": True,
+                                                 "sparse_embedding_grad": True}
     assert memory_plan(TrainConfig(), **small) == {"optimizer_state_dtype": "float32", "gradient_checkpointing": False,
-                                                   "update_in_backward": False, "return_freed_memory": False}
+                                                   "update_in_backward": False, "return_freed_memory": False,
+                                                   "sparse_embedding_grad": False}
     # LoRA on a large model: the adapter's optimizer state is small, fp32; checkpointing still pays
     lora = memory_plan(TrainConfig(), n_params=500_000_000, n_trained=2_000_000)
     assert lora["optimizer_state_dtype"] == "float32" and lora["gradient_checkpointing"] and not lora["update_in_backward"]
@@ -373,32 +375,43 @@ def test_entropy_bonus_raises_the_policys_entropy(tiny_model_dir, tmp_path):
     assert bonus_entropy > plain_entropy + 1e-3
 
 
-def test_time_budget_ends_training_after_the_step_that_spends_it_and_counts_over_resumes(tiny_model_dir, tmp_path, monkeypatch):
-    """A fake clock: every call of perf_counter advances it 1 s, so every step and checkpoint spends
-    whole seconds of the budget whatever the machine's speed."""
+def test_time_budget_bounds_training_and_counts_over_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """A fake clock: a rollout step takes 1 s, a checkpoint 0.5 s. With 4.2 s, three steps fit and
+    the checkpoint after the third (a fourth step and its checkpoint would end past 4.2 s); a
+    resume from it has no time left, and a larger budget trains on to `steps`."""
     import apo_core.trainer as trainer_module
 
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(ticks)))
-    trainer = make_trainer(tiny_model_dir, steps=12, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
-                           time_budget_s=4.5)
+    now = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    real_step, real_save = OnlineTrainer.train_step, OnlineTrainer.save_checkpoint
+
+    def one_second_step(self, batch):
+        out = real_step(self, batch)
+        now[0] += 1.0
+        return out
+
+    def half_second_checkpoint(self, *args, **kwargs):
+        path = real_save(self, *args, **kwargs)
+        now[0] += 0.5
+        self.save_seconds = 0.5
+        return path
+
+    monkeypatch.setattr(OnlineTrainer, "train_step", one_second_step)
+    monkeypatch.setattr(OnlineTrainer, "save_checkpoint", half_second_checkpoint)
+    settings = dict(steps=12, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100)
+    trainer = make_trainer(tiny_model_dir, **settings, time_budget_s=4.2)
     trainer.train(PROMPTS, tmp_path)
-    assert trainer.step < 12 and trainer.out_of_time()
-    assert trainer.train_seconds >= 4.5
-    [last] = list_checkpoints(tmp_path)[-1:]
-    assert last.name == f"step_{trainer.step:06d}"  # the step that spent the budget is checkpointed
-    resumed = make_trainer(tiny_model_dir, steps=12, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
-                           time_budget_s=4.5)
-    resumed.load_checkpoint(last)
-    # the spent seconds come back (those of the checkpoint's own write are not in it)
-    assert 4.5 <= resumed.train_seconds < trainer.train_seconds
+    assert trainer.step == 3 and trainer.train_seconds == pytest.approx(3.5) and trainer.out_of_time()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003"]  # the last step is checkpointed
+    resumed = make_trainer(tiny_model_dir, **settings, time_budget_s=4.2)
+    resumed.load_checkpoint(tmp_path / "step_000003")
+    assert resumed.train_seconds == pytest.approx(3.0) and resumed.last_step_seconds == pytest.approx(1.0)
     resumed.train(PROMPTS, tmp_path)
-    assert resumed.step == trainer.step  # nothing left of the budget: no more steps
-    more = make_trainer(tiny_model_dir, steps=12, rollout_batch_size=4, minibatch_size=4, checkpoint_every=100,
-                        time_budget_s=1e6)
-    more.load_checkpoint(last)
+    assert resumed.step == 3  # the spent seconds came back with the checkpoint: no time for a step
+    more = make_trainer(tiny_model_dir, **settings, time_budget_s=1e6)
+    more.load_checkpoint(tmp_path / "step_000003")
     more.train(PROMPTS, tmp_path)
-    assert more.step == 12  # a larger budget: steps decide again
+    assert more.step == 12  # a large budget: steps decide again
 
 
 def test_length_buckets_give_the_scores_and_gradient_of_one_padded_forward(tiny_model_dir):
@@ -420,3 +433,21 @@ def test_length_buckets_give_the_scores_and_gradient_of_one_padded_forward(tiny_
     assert (logp[batch.response_mask == 0] == 0).all()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_sparse_tied_embedding_gradient_makes_the_same_update(tiny_model_dir, tmp_path, in_backward):
+    """The embedded model ties its embedding to the output layer: with the embedding's gradient
+    sparse (as large models get it), the summed gradient and so every update are the dense path's."""
+    from apo_core.modeling import sparse_tied_embedding_grad
+
+    settings = dict(optimizer_state_dtype="bfloat16", update_in_backward=in_backward) if in_backward else {}
+    dense, sparse = make_trainer(tiny_model_dir, **settings), make_trainer(tiny_model_dir, **settings)
+    assert sparse_tied_embedding_grad(sparse.policy) and sparse.policy.get_input_embeddings().sparse
+    dense.train(PROMPTS, tmp_path / "dense")
+    sparse.train(PROMPTS, tmp_path / "sparse")
+    for (k, a), b in zip(dense.policy.state_dict().items(), sparse.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-5), k
+    untied, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,6 @@ from pathlib import Path
 
 from .runners import pipeline_overhead, run_child
 from .settings import GPU_SIZES, ROOT
-
-
-def time_to_target(curve: list[dict], target: float) -> float | None:
-    """First training time at which held-out accuracy reached `target` (None: never).
-
-    >>> time_to_target([{"t_s": 0, "accuracy": 0.3}, {"t_s": 5, "accuracy": 0.45}], 0.4)
-    5
-    """
-    return next((p["t_s"] for p in curve if p["accuracy"] >= target - 1e-9), None)
 
 
 def sweep_points(method: str, lrs: dict, beta2s: list[float], minibatches: list[int] | None = None,
@@ -69,36 +59,6 @@ def measure_paper(methods, s: dict, base: dict, log_dir: Path) -> dict:
         if "pipeline" in best:
             out[method]["pipeline"] = best["pipeline"]
         out[method]["sweep"] = runs
-    return out
-
-
-def measure_race(methods, s: dict, base: dict, log_dir: Path, paper: dict | None = None) -> dict:
-    """`paper` given: each method races at its best `paper` point only (its sweep is reported
-    there); 3 seeds x every point would take hours at full size."""
-    out = {}
-    for method in methods:
-        points = []
-        sweep = sweep_points(method, s["lr"], s["beta2"], s.get("minibatch_apo"), s.get("filter_apo"), s.get("grpo_generations"))
-        if paper and method in paper:
-            sweep = [{k: paper[method][k] for k in ("lr", "beta2", "minibatch", "filter", "generations") if k in paper[method]}]
-        for point in sweep:
-            seeds = []
-            for seed in s["seeds"]:
-                spec = {**base, **point, "method": method, "mode": "race", "seed": seed, "score": True, "steps": 10**9,
-                        "beta2": point["beta2"] or 0.0, "budget_s": s["race_budget_s"], "eval_every_s": s["eval_every_s"]}
-                r = run_child(spec, log_dir, "race-" + run_tag(method, point, seed))
-                r["time_to_target_s"] = time_to_target(r["curve"], r["reference_accuracy"] + 0.10)
-                seeds.append({"seed": seed, **r})
-            reached = [r["time_to_target_s"] for r in seeds if r["time_to_target_s"] is not None]
-            points.append({**point, "seeds": seeds, "reached": len(reached),
-                           "time_to_target_s": statistics.mean(reached) if len(reached) == len(seeds) else None,
-                           "final_accuracy": statistics.mean(r["final_accuracy"] for r in seeds),
-                           "peak_rss_mb": max(r["peak_rss_mb"] for r in seeds)})
-        best = min(points, key=lambda p: (p["time_to_target_s"] is None, p["time_to_target_s"] or 0.0, -p["final_accuracy"]))
-        out[method] = {"time_to_target_s": best["time_to_target_s"], "final_accuracy": best["final_accuracy"],
-                       "peak_rss_mb": best["peak_rss_mb"], "lr": best["lr"], "beta2": best["beta2"],
-                       "reached": best["reached"], "seeds": len(s["seeds"]),
-                       "curve": [{"seed": r["seed"], "points": r["curve"]} for r in best["seeds"]], "sweep": points}
     return out
 
 
@@ -185,28 +145,40 @@ def targets(results: dict) -> dict:
     def ratio(a, b):
         return None if a is None or b is None or b == 0 else a / b
 
-    paper, race, memory = results.get("paper", {}), results.get("race", {}), results.get("memory", {})
+    paper, memory = results.get("paper", {}), results.get("memory", {})
     t = {}
     if "apo" in paper and "trl_grpo" in paper:
         r = ratio(paper["apo"]["wall_s"], paper["trl_grpo"]["wall_s"])
         gap = paper["apo"]["final_accuracy"] - paper["trl_grpo"]["final_accuracy"]
         t["paper_apo_over_grpo_wall"] = {"value": r, "target": "<= 0.5", "met": r is not None and r <= 0.5}
         t["paper_apo_minus_grpo_accuracy"] = {"value": gap, "target": ">= -0.02", "met": gap >= -0.02}
+    if "equal_time" in results:
+        e = results["equal_time"]
+        t["equal_time_apo_minus_grpo_accuracy"] = {"value": e["difference"]["mean"], "ci95": e["difference"]["ci95"],
+                                                   "target": ">= 0.02", "met": e["difference"]["mean"] >= 0.02}
+    if "time_to_grpo_accuracy" in results:
+        a = results["time_to_grpo_accuracy"]
+        t["apo_time_to_grpo_accuracy_over_grpo_time"] = {"value": a["ratio"], "target": "<= 0.4", "met": a["met"]}
+    race = results.get("race", {})
+    for peer in ("trl_a2po", "trl_grpo"):
+        for points in ("10", "15"):
+            if "apo" not in race or peer not in race:
+                continue
+            mine, theirs = race["apo"]["time_to_target_s"][points], race[peer]["time_to_target_s"][points]
+            entry = {"value": ratio(mine, theirs), "target": "<= 0.5" if points == "10" else "reported"}
+            if mine is not None and theirs is None:  # the peer never got there within the budget: an upper bound
+                entry["upper_bound"] = mine / results["compare"]["budget_s"]
+                entry["note"] = f"{peer} did not reach reference + {points} points within the budget"
+            bound = entry["value"] if entry["value"] is not None else entry.get("upper_bound")
+            entry["met"] = (bound is not None and bound <= 0.5) if points == "10" else None
+            t[f"race_{points}_apo_over_{peer}_time"] = entry
+    if "kl_matched" in results:
+        k = results["kl_matched"]
+        t["kl_matched_apo_over_grpo"] = {"value": k["ratio"], "target": "<= 0.8", "met": k["met"]}
     peers = [memory[m]["peak_rss_mb"] for m in ("trl_grpo", "trl_a2po") if m in memory]
     if "apo" in memory and peers:
         r = ratio(memory["apo"]["peak_rss_mb"], min(peers))
-        t["memory_apo_over_lower_peer_rss"] = {"value": r, "target": "<= 0.8", "met": r is not None and r <= 0.8}
-    for peer, bound in (("trl_a2po", 0.7), ("trl_grpo", None)):
-        if "apo" in race and peer in race:
-            mine, theirs = race["apo"]["time_to_target_s"], race[peer]["time_to_target_s"]
-            r = ratio(mine, theirs)
-            entry = {"value": r, "target": f"<= {bound}" if bound else "reported"}
-            if mine is not None and theirs is None:  # the peer never got there within the budget: an upper bound
-                entry["value"], entry["upper_bound"] = None, mine / results["settings"]["race_budget_s"]
-                entry["note"] = f"{peer} did not reach the target within the race budget in every seed"
-                r = entry["upper_bound"]
-            entry["met"] = (r is not None and r <= bound) if bound else None
-            t[f"race_apo_over_{peer}_time_to_target"] = entry
+        t["memory_apo_over_lower_peer_rss"] = {"value": r, "target": "<= 0.6", "met": r is not None and r <= 0.6}
     if "scaling" in results:
         sc = results["scaling"]
         t["stage1_linear_r2"] = {"value": sc["stage1_linear_r2"], "target": "reported (1 = linear in prompts x N)", "met": None}
@@ -220,5 +192,3 @@ def targets(results: dict) -> dict:
         f = results["overhead"]["overhead_frac"]
         t["pipeline_overhead_frac"] = {"value": f, "target": "<= 0.10", "met": f <= 0.10}
     return t
-
-

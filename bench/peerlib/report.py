@@ -20,11 +20,29 @@ def report(r: dict) -> str:
             lines.append(f"  {m:9s} wall {v['wall_s']:7.1f} s  acc {100 * v['final_accuracy']:5.1f}% (ref {100 * v['reference_accuracy']:.1f}%)"
                          f"  kl {v['kl']:.4f}  tokens {v['generated_tokens']:>9d}  peak {v['peak_rss_mb']:6.0f} MB  lr {v['lr']:g}"
                          + (f"  generations {v['generations']}" if v.get("generations") else ""))
+    if "equal_time" in r:
+        e = r["equal_time"]
+        lines.append(f"equal_time: every method trained for GRPO's paper-protocol time, B = {e['budget_s']:.1f} s "
+                     f"(reference {100 * r['compare']['reference_accuracy']:.1f}%)")
+        for m in ("apo", "trl_grpo"):
+            v = e[m]
+            lines.append(f"  {m:9s} acc {100 * v['accuracy_mean']:5.1f}% {_ci(v['accuracy_ci95'])}  seeds {_pct(v['accuracy_per_seed'])}"
+                         f"  wall {v['wall_s']:6.1f} s  kl {v['kl_final']:.4f}  {_config(v['config'])}")
+        d = e["difference"]
+        lines.append(f"  apo - GRPO {100 * d['mean']:+.1f} points {_ci(d['ci95'], signed=True)} (paired seeds {_pct(d['per_seed'], signed=True)})")
     if "race" in r:
-        lines.append("race: time to reference + 10 points (mean over seeds)")
+        lines.append("race: time to reference + 10 / + 15 points on the mean curve over seeds (training clock)")
         for m, v in r["race"].items():
-            ttt = "never" if v["time_to_target_s"] is None else f"{v['time_to_target_s']:.1f} s"
-            lines.append(f"  {m:9s} {ttt:>9s} ({v['reached']}/{v['seeds']} seeds)  final acc {100 * v['final_accuracy']:5.1f}%  peak {v['peak_rss_mb']:6.0f} MB")
+            times = "  ".join(f"+{k}: {'never' if t is None else f'{t:6.1f} s'}" for k, t in v["time_to_target_s"].items())
+            lines.append(f"  {m:9s} {times}  final acc {100 * v['accuracy_mean']:5.1f}%  {_config(v['config'])}")
+    if "time_to_grpo_accuracy" in r:
+        a = r["time_to_grpo_accuracy"]
+        when = "never" if a["apo_time_s"] is None else f"{a['apo_time_s']:.1f} s"
+        lines.append(f"time to GRPO's accuracy ({100 * a['grpo_accuracy']:.1f}%): apo {when} vs GRPO {a['grpo_wall_s']:.1f} s")
+    if "kl_matched" in r:
+        k = r["kl_matched"]
+        kls = "  ".join(f"{m} {k[m]['kl']:.4f} at {k[m]['t_s']:.0f} s" for m in ("apo", "trl_grpo") if k.get(m))
+        lines.append(f"KL at matched accuracy ({100 * k['accuracy']:.1f}%): {kls}")
     if "memory" in r:
         lines.append(f"memory: random Qwen2 {r['memory']['model']['params'] / 1e6:.1f}M params")
         for m in METHODS:
@@ -56,24 +74,49 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(race: dict, path: Path) -> None:
-    """Held-out accuracy against training time, one colour per method (each seed a line)."""
+def _pct(values: list[float], signed: bool = False) -> str:
+    return "/".join(f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}" for v in values)
+
+
+def _ci(ci: list[float] | None, signed: bool = False) -> str:
+    return "" if ci is None else f"[95% {_pct([ci[0]], signed)}, {_pct([ci[1]], signed)}]"
+
+
+def _config(config: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in config.items() if v is not None)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Held-out accuracy against training time: each method's mean curve over seeds (bold) and its
+    seeds (faint), at its configuration for the race, apo's and GRPO's for equal time too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (method, r) in enumerate((m, race[m]) for m in METHODS if m in race):
-        for j, run in enumerate(r["curve"]):
-            xs, ys = [p["t_s"] for p in run["points"]], [100 * p["accuracy"] for p in run["points"]]
-            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", alpha=1.0 if j == 0 else 0.45,
-                    label=f"{method} (lr {r['lr']:g}" + (f", beta2 {r['beta2']:g})" if r["beta2"] else ")") if j == 0 else None)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    shown = [(m, "race", results["race"][m]) for m in METHODS if m in results["race"]]
+    for m in ("apo", "trl_grpo"):
+        e = results.get("equal_time", {}).get(m)
+        if e is not None and e["config"] != results["race"].get(m, {}).get("config"):
+            shown.append((m, "equal time", e))
+    for i, (method, question, v) in enumerate(shown):
+        colour, style = f"C{METHODS.index(method)}", "-" if question == "race" else "--"
+        for run in v["curves"]:
+            ax.plot([p["t_s"] for p in run["points"]], [100 * p["accuracy"] for p in run["points"]], style, color=colour, alpha=0.2, lw=1)
+        curve = v["mean_curve"]
+        ax.plot([p["t_s"] for p in curve], [100 * p["accuracy"] for p in curve], style, color=colour, lw=2, marker="o", ms=3,
+                label=f"{method} ({_config(v['config'])}), {question}")
+    reference = 100 * results["compare"]["reference_accuracy"]
+    for points in (10, 15):
+        ax.axhline(reference + points, color="grey", lw=0.8, ls=":")
+    if "equal_time" in results:
+        ax.axvline(results["equal_time"]["budget_s"], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("training wall time, s (evaluation excluded; stage 1 included)")
     ax.set_ylabel("held-out greedy accuracy, %")
-    ax.set_title("embedded task: apo vs TRL, best of each sweep")
+    ax.set_title("embedded task: mean over seeds (bold), seeds (faint)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

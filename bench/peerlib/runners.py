@@ -59,7 +59,10 @@ def run_apo_core(spec: dict) -> dict:
     P, mnt = spec["prompts_per_step"], spec["max_new_tokens"]
     steps = spec.get("steps") or rollout_steps(spec["passes"], len(train), P)  # race: unbounded, the budget stops it
     clock = Clock()
-    scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), spec.get("budget_s"))
+    curve = spec["mode"] == "curve"  # budget_s: the trainer's own time_budget_s stops it, not the scorer
+    exact_reference = _load(spec["model"])[0] if curve else None  # the KL of every point: against fp32 pi_ref, as for TRL
+    scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), None if curve else spec.get("budget_s"),
+                    reference=exact_reference, kl_records=spec.get("kl_records", 512), seed=spec["seed"])
     reference_accuracy = scorer.start() if spec["score"] else (clock.start() or None)
     rows = sample_reference(engine, train, reward, n_samples=spec["n_ref"], temperature=1.0, top_p=1.0,
                             max_new_tokens=mnt, seed=1234 + spec["seed"])
@@ -72,13 +75,26 @@ def run_apo_core(spec: dict) -> dict:
     # apo's documented defaults, with the benchmark's prompts per step, lr, beta2 and lengths (and any
     # other TrainConfig field in spec["train_config"]: --apo-set, bench/apo_seeds.py --set)
     cfg = TrainConfig(**{"steps": steps, "rollout_batch_size": P, "minibatch_size": spec.get("minibatch") or P, "lr": spec["lr"],
-                         "beta2": spec["beta2"], "max_new_tokens": mnt, "seed": spec["seed"], **spec.get("train_config", {})})
+                         "beta2": spec["beta2"], "max_new_tokens": mnt, "seed": spec["seed"],
+                         **({"checkpoint_every": 10**9} if curve else {}), **spec.get("train_config", {})})
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
     if profiling:
         phases.append(memory_phase("trainer built", model, trainer.ref_policy, trainer.optimizer))
     tokens = sum(r["n_tokens"] for r in rows)
-    stop = False
+    if curve:  # the product's loop: train() ends itself when time_budget_s is spent (and checkpoints that step)
+        counted = [0.0]
+
+        def on_step(step: int, metrics: dict, _samples) -> None:
+            counted[0] += metrics["rollout/response_tokens_mean"] * P
+            scorer.after_step(step)  # the clock, and the trainer's, are paused while it scores
+
+        # what is left of the budget once stage 1 and the trainer's set-up are paid goes to train()
+        trainer.cfg = trainer.cfg.model_copy(update={"time_budget_s": max(1e-3, spec["budget_s"] - clock.elapsed())})
+        with tempfile.TemporaryDirectory(prefix="apo-peers-ckpt-") as ckpt:
+            trainer.train(prompts, Path(ckpt), on_step=on_step)
+        tokens += counted[0]
+    stop = curve
     while trainer.step < steps and not stop:
         metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
         tokens += metrics["rollout/response_tokens_mean"] * P
@@ -94,7 +110,7 @@ def run_apo_core(spec: dict) -> dict:
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(trainer.step), reference_accuracy=reference_accuracy,
                    curve=scorer.points, eval_s=scorer.eval_seconds,
-                   kl=policy_kl(model, trainer.ref_policy, tok, test, mnt, seed=spec["seed"]))
+                   kl=scorer.points[-1]["kl"] if curve else policy_kl(model, trainer.ref_policy, tok, test, mnt, seed=spec["seed"]))
     return out
 
 
@@ -195,7 +211,9 @@ def run_trl(spec: dict) -> dict:
         return gsm8k_reward(completions, answer)
 
     clock = Clock()
-    scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), spec.get("budget_s"))
+    curve = spec["mode"] == "curve"
+    scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), spec.get("budget_s"),
+                    reference=reference if curve else None, kl_records=spec.get("kl_records", 512), seed=spec["seed"])
 
     class Clocked(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -244,7 +262,8 @@ def run_trl(spec: dict) -> dict:
     out = {"wall_s": wall, "steps": step, "generated_tokens": counted["tokens"]}
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(step), reference_accuracy=reference_accuracy, curve=scorer.points,
-                   eval_s=scorer.eval_seconds, kl=policy_kl(model, reference, tok, test, mnt, seed=spec["seed"]))
+                   eval_s=scorer.eval_seconds,
+                   kl=scorer.points[-1]["kl"] if curve else policy_kl(model, reference, tok, test, mnt, seed=spec["seed"]))
     shutil.rmtree(out_dir, ignore_errors=True)
     return out
 

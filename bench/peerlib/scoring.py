@@ -15,7 +15,7 @@ class Clock:
         self._paused = 0.0
 
     def start(self) -> None:
-        self._start = time.perf_counter()
+        self._start, self._paused = time.perf_counter(), 0.0  # a pause before the start (scoring the reference) is not training time
 
     def elapsed(self) -> float:
         return 0.0 if self._start is None else time.perf_counter() - self._start - self._paused
@@ -76,12 +76,15 @@ def policy_kl(model, reference, tokenizer, records, max_new_tokens: int, seed: i
 
 class Scorer:
     """Scores the held-out set with the clock paused: at t = 0 (the reference), every
-    `every_s` of training time (None: only at the end), and at the end; says when time is up."""
+    `every_s` of training time (None: only at the end), and at the end; says when time is up.
+    With `reference` (an exact copy of the starting model), each point also has the policy's KL
+    to it (`policy_kl`) on the first `kl_records` held-out prompts."""
 
     def __init__(self, clock: Clock, model_fn, tokenizer, records, max_new_tokens: int,
-                 every_s: float | None, budget_s: float | None):
+                 every_s: float | None, budget_s: float | None, reference=None, kl_records: int = 512, seed: int = 0):
         self.clock, self.model_fn, self.tokenizer, self.records = clock, model_fn, tokenizer, records
         self.max_new_tokens, self.every_s, self.budget_s = max_new_tokens, every_s, budget_s
+        self.reference, self.kl_records, self.seed = reference, records[:kl_records], seed
         self.points: list[dict] = []
         self.eval_seconds = 0.0
         self._next = every_s
@@ -89,10 +92,14 @@ class Scorer:
     def score(self, step: int) -> float:
         t0 = time.perf_counter()
         with self.clock.paused():
-            acc = heldout_accuracy(self.model_fn(), self.tokenizer, self.records, self.max_new_tokens)
+            model = self.model_fn()
+            point = {"t_s": round(self.clock.elapsed(), 3), "step": step,
+                     "accuracy": heldout_accuracy(model, self.tokenizer, self.records, self.max_new_tokens)}
+            if self.reference is not None:
+                point["kl"] = policy_kl(model, self.reference, self.tokenizer, self.kl_records, self.max_new_tokens, seed=self.seed)
         self.eval_seconds += time.perf_counter() - t0
-        self.points.append({"t_s": round(self.clock.elapsed(), 3), "step": step, "accuracy": acc})
-        return acc
+        self.points.append(point)
+        return point["accuracy"]
 
     def start(self) -> float:
         """The reference's accuracy, then the clock starts."""

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PEERS_SCRIPT = ROOT / "bench" / "peers.py"  # what a child process re-runs (`--child SPEC --result PATH`)
 
 METHODS = ("apo", "trl_grpo", "trl_a2po")
-MODES = ("paper", "race", "memory", "overhead", "scaling", "gpu")
+MODES = ("paper", "equal_time", "race", "memory", "overhead", "scaling", "gpu")
+COMPARE_MODES = ("equal_time", "race")  # one set of runs answers both (peerlib.compare)
+# the JSON keys a mode writes where they are more than its own name (what --merge copies with it)
+MODE_KEYS = {m: ("equal_time", "race", "time_to_grpo_accuracy", "kl_matched", "compare") for m in COMPARE_MODES}
 GRPO_GENERATIONS = 8
 APO_BETA1 = VstarConfig().beta1  # apo's default; A2PO and every V* here use it
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -25,15 +28,17 @@ TINY_SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hi
 
 SIZES = {
     # sized for about an hour on 2 cores (a TRL GRPO step of 64 prompts x 8 generations takes ~7 s there)
-    "full": dict(train=512, test=500, n_ref=8, max_new_tokens=64, prompts_per_step=64, passes=4,
-                 race_budget_s=150.0, eval_every_s=15.0, seeds=[0, 1, 2],
-                 lr={"apo": [1e-4, 3e-4], "trl_grpo": [1e-4, 3e-4], "trl_a2po": [1e-4, 3e-4]}, beta2=[1e-3, 0.1],
+    # test: 2,000 held-out prompts, so one evaluation's standard error is ~1.1 points (at 50% accuracy)
+    "full": dict(train=512, test=2000, n_ref=8, max_new_tokens=64, prompts_per_step=64, passes=4, seeds=[0, 1, 2],
+                 lr={"apo": [3e-5, 5e-5], "trl_grpo": [5e-5, 1e-4], "trl_a2po": [3e-5, 1e-4]}, beta2=[1e-3, 0.1],
+                 grpo_generations=[4, 8],
+                 compare=dict(screen_seed=100, seeds=[0, 1, 2], eval_every_s=10.0, kl_records=512),
                  memory=dict(shape=QWEN25_05B, steps=2, prompts_per_step=8, max_new_tokens=16),
                  overhead=dict(train=1024, test=500),
                  scaling=dict(stage1=[[128, 8], [256, 8], [512, 4], [512, 8]], stage2_n=[2, 8, 32], prompts=128, warmup=1, steps=3)),
-    "quick": dict(train=16, test=16, n_ref=2, max_new_tokens=48, prompts_per_step=8, passes=1,
-                  race_budget_s=6.0, eval_every_s=3.0, seeds=[0],
-                  lr={"apo": [1e-4], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1],
+    "quick": dict(train=16, test=16, n_ref=2, max_new_tokens=48, prompts_per_step=8, passes=1, seeds=[0],
+                  lr={"apo": [1e-4], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1], grpo_generations=[2],
+                  compare=dict(screen_seed=100, seeds=[0], eval_every_s=2.0, kl_records=8),
                   memory=dict(shape=TINY_SHAPE, steps=2, prompts_per_step=4, max_new_tokens=8),
                   overhead=dict(train=16, test=8, steps=2),
                   scaling=dict(stage1=[[8, 1], [8, 2], [16, 2], [16, 4]], stage2_n=[1, 4], prompts=16, warmup=1, steps=1)),
