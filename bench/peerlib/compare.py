@@ -192,7 +192,9 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path) -> d
     matched = min(grpo_final, max(p["accuracy"] for p in apo_acc["curve"]))
     at_apo, at_grpo = reach(apo_acc["curve"], matched), reach(grpo_acc["curve"], matched)
     kl = {"accuracy": round(matched, 4), "apo": at_apo, "trl_grpo": at_grpo, "target": "apo KL <= 0.8x GRPO's"}
-    kl["ratio"] = round(at_apo["kl"] / at_grpo["kl"], 4) if at_apo and at_grpo and at_grpo.get("kl") else None
+    # a ratio only of two positive estimates (a sampled KL near 0 can come out below it)
+    positive = at_apo and at_grpo and at_apo.get("kl", 0) > 0 and at_grpo.get("kl", 0) > 0
+    kl["ratio"] = round(at_apo["kl"] / at_grpo["kl"], 4) if positive else None
     kl["met"] = kl["ratio"] is not None and kl["ratio"] <= 0.8
 
     screening = {m: [{"config": e["point"], "final_accuracy": e["curve"][-1]["accuracy"], "wall_s": e["wall_s"],
