@@ -319,14 +319,62 @@ def _score_chunk(head, h: Tensor, targets: Tensor, with_entropy: bool) -> Tensor
     return torch.stack(out, dim=-1)
 
 
+class _FusedChunkScores(torch.autograd.Function):
+    """`_score_chunk` over every chunk of n positions as ONE autograd node of a plain linear output
+    layer: the backward recomputes each chunk's logits and adds its share of the weight's gradient
+    into one (V, H) buffer, where per-chunk checkpoints would each make a (V, H) gradient that is
+    then summed into the weight's (two of them alive at once: 1.1 GB at Qwen2.5-0.5B's vocabulary).
+    d log p(y)/d logit_v = [v = y] - p_v; d H/d logit_v = -p_v (logit_v - E_p[logit])."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, head, targets: Tensor, chunk: int, with_entropy: bool) -> Tensor:
+        ctx.head, ctx.chunk, ctx.with_entropy = head, chunk, with_entropy
+        ctx.save_for_backward(h, targets)
+        with torch.no_grad():
+            return torch.cat([_score_chunk(head, h[i : i + chunk], targets[i : i + chunk], with_entropy)
+                              for i in range(0, h.shape[0], chunk)])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, targets = ctx.saved_tensors
+        weight = ctx.head.weight
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[0], ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            with torch.no_grad():
+                logits = ctx.head(h[rows]).float()  # (n, V): recomputed, one chunk at a time
+                p = torch.softmax(logits, dim=-1)
+                g_logp = grad_out[rows, 0:1].float()
+                if ctx.with_entropy:  # the entropy's part first, while `logits` is still needed
+                    g = (logits - (p * logits).sum(-1, keepdim=True)).mul_(p).mul_(-grad_out[rows, 1:2].float())
+                    g.sub_(p * g_logp)
+                else:
+                    g = p.mul_(-g_logp)
+                g.scatter_add_(-1, targets[rows, None], g_logp)
+                g = g.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[rows] = g @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), h[rows].to(weight.dtype))
+        return grad_h, grad_w, None, None, None, None
+
+
+def _fusable(head) -> bool:
+    """A plain linear output layer without a bias, not partitioned (ZeRO-3) nor wrapped (LoRA)."""
+    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id") \
+        and not torch.nn.utils.parametrize.is_parametrized(head)
+
+
 class _ChunkedScores:
     """Stands in for a causal LM's output layer during one forward: given the final hidden states
     of the last T+1 columns, it returns per-token scores (B, T, k) of the T response tokens
     instead of (B, T+1, V) logits. The logits are computed LOGITS_CHUNK_ELEMENTS at a time and,
     when gradients are needed and there is more than one chunk, recomputed chunk by chunk in the
     backward pass (activation checkpointing), so no B x T x V tensor exists in the forward or
-    the backward. It calls the
-    real output module, so ZeRO-3's gathering hooks and a LoRA adapter on it apply."""
+    the backward; a plain linear layer does that in one autograd node (`_FusedChunkScores`), whose
+    weight gradient is one buffer. It calls the real output module, so ZeRO-3's gathering hooks and
+    a LoRA adapter on it apply (those take per-chunk checkpoints)."""
 
     def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
         self.head, self.targets, self.with_entropy = head, targets, with_entropy
@@ -338,6 +386,9 @@ class _ChunkedScores:
         targets = self.targets.reshape(B * T)
         parts = []
         recompute = torch.is_grad_enabled() and B * T > self.chunk  # one chunk: its logits are small enough to keep
+        if recompute and _fusable(self.head) and (h.requires_grad or self.head.weight.requires_grad):
+            scores = _FusedChunkScores.apply(h, self.head.weight, self.head, targets, self.chunk, self.with_entropy)
+            return scores.reshape(B, T, -1)
         for start in range(0, B * T, self.chunk):
             rows = slice(start, start + self.chunk)
             if recompute:
