@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every-s", type=float, default=None, help="equal_time/race: held-out scoring interval (training seconds)")
     ap.add_argument("--gpu-size", choices=sorted(GPU_SIZES), default="1.5b", help="gpu mode: the random model (tiny: CPU check)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/peers.json, --quick: results/peers-quick.json)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="equal_time/race: the child-log folder of an earlier run; its children with the same spec are not run again")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="earlier peers JSONs whose modes this run does not measure are copied in (their run info under `parts`)")
     add_child_arguments(ap)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     if "paper" in modes:
         results["paper"] = measure_paper(methods, s, base, log_dir)
     if any(m in modes for m in COMPARE_MODES):
-        results.update(measure_compare(methods, s, base, log_dir))
+        results.update(measure_compare(methods, s, base, log_dir, args.reuse))
     if "memory" in modes:
         results["memory"] = measure_memory(methods, s, base, log_dir)
     if "overhead" in modes:

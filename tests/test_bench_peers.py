@@ -301,3 +301,27 @@ def test_peerlib_docstring_examples(module):
     import importlib
 
     assert doctest.testmod(importlib.import_module(f"peerlib.{module}"), optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_a_compare_run_reuses_an_earlier_childs_result_only_for_the_same_spec(monkeypatch, tmp_path):
+    from peerlib import compare
+
+    ran = []
+    monkeypatch.setattr(compare, "run_child", lambda spec, log_dir, name: ran.append(name) or
+                        {"wall_s": 1.0, "steps": 1, "final_accuracy": 0.5, "reference_accuracy": 0.4, "curve": [], "kl": 0.0})
+    s = {**settings.SIZES["quick"], "compare": {"screen_seed": 100, "seeds": [0], "eval_every_s": 2.0, "kl_records": 8}}
+    base = settings.base_spec(s, 1)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    point = {"lr": 1e-4, "beta2": 0.1}
+    same = {**base, **point, "method": "apo", "mode": "curve", "seed": 0, "score": True, "eval_every_s": 2.0, "kl_records": 8,
+            "budget_s": 9.0, "steps": 10**9}
+    (earlier / "curve-apo-lr0.0001-b20.1-s0-B9.json").write_text(json.dumps(
+        {"wall_s": 9.0, "steps": 7, "final_accuracy": 0.6, "reference_accuracy": 0.4, "curve": [], "kl": 0.01, "spec": same}))
+    (earlier / "curve-apo-lr0.0001-b20.1-s1-B9.json").write_text(json.dumps(
+        {"wall_s": 9.0, "steps": 7, "final_accuracy": 0.6, "curve": [], "kl": 0.01, "spec": {**same, "seed": 1, "lr": 2e-4}}))
+    runs = compare.Runs(s, base, tmp_path, reuse=earlier)
+    reused = runs.one("apo", point, 0, 9.0)
+    assert ran == [] and reused["steps"] == 7 and reused["reused_from"].endswith("s0-B9.json")
+    fresh = runs.one("apo", point, 1, 9.0)  # a result under that name, but of another spec: run again
+    assert ran == ["curve-apo-lr0.0001-b20.1-s1-B9"] and fresh["steps"] == 1

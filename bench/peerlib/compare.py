@@ -10,8 +10,9 @@ Protocol (`measure_compare`):
    bounded by B (apo by its trainer's own train.time_budget_s, A2PO by a TrainerCallback).
 2. The reported runs, seeds `seeds` for every method: GRPO at its most accurate point (its mean
    training time is B) and, if another point reached reference + 10 points sooner, that one too;
-   apo at its most accurate point at B and at its fastest to reference + 10 (when they differ);
-   A2PO at its fastest to reference + 10; all bounded by B.
+   apo at its most accurate point at B, at its fastest to reference + 10, and at the point with
+   the least KL where it reaches GRPO's screened accuracy (each once where they coincide); A2PO
+   at its fastest to reference + 10; all bounded by B.
 
 A method "reaches" a target at the first evaluation where its mean curve over seeds (the k-th
 evaluations of every seed averaged, at the mean of their times) is at or above it. Intervals are
@@ -20,6 +21,7 @@ evaluations of every seed averaged, at the mean of their times) is at or above i
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -84,11 +86,23 @@ def _point_key(point: dict) -> tuple:
 
 
 class Runs:
-    """Child runs of `curve` mode, each made once per (method, point, seed, budget)."""
+    """Child runs of `curve` mode, each made once per (method, point, seed, budget). With `reuse`
+    (the child-log folder of an earlier run), a child whose result is there under the same name
+    and with the same spec is taken from it instead of run again; each reused run says so."""
 
-    def __init__(self, s: dict, base: dict, log_dir: Path):
-        self.s, self.base, self.log_dir = s, base, log_dir
+    def __init__(self, s: dict, base: dict, log_dir: Path, reuse: Path | None = None):
+        self.s, self.base, self.log_dir, self.reuse = s, base, log_dir, reuse
         self.done: dict[tuple, dict] = {}
+
+    def _earlier(self, tag: str, spec: dict) -> dict | None:
+        found = self.reuse / f"{tag}.json" if self.reuse else None
+        if found is None or not found.exists():
+            return None
+        earlier = json.loads(found.read_text())
+        if earlier.get("spec", spec) != spec:  # results written before specs were kept are matched by name
+            return None
+        print(f"  {tag} ... reused from {found}", flush=True)
+        return {**earlier, "reused_from": str(found)}
 
     def one(self, method: str, point: dict, seed: int, budget_s: float | None) -> dict:
         key = (method, _point_key(point), seed, None if budget_s is None else round(budget_s, 1))
@@ -101,9 +115,9 @@ class Runs:
             else:
                 spec.update(budget_s=budget_s, steps=10**9)
             tag = f"curve-{run_tag(method, point, seed)}" + ("" if budget_s is None else f"-B{budget_s:.0f}")
-            r = run_child(spec, self.log_dir, tag)
+            r = self._earlier(tag, spec) or run_child(spec, self.log_dir, tag)
             self.done[key] = {"seed": seed, **{k: r[k] for k in ("wall_s", "steps", "final_accuracy", "reference_accuracy",
-                                                                   "curve", "kl", "peak_rss_mb", "eval_s") if k in r}}
+                                                                   "curve", "kl", "peak_rss_mb", "eval_s", "reused_from") if k in r}}
         return self.done[key]
 
     def seeds(self, method: str, point: dict, seeds: list[int], budget_s: float | None) -> dict:
@@ -114,6 +128,12 @@ class Runs:
 
 def _most_accurate(entries: list[dict]) -> dict:
     return max(entries, key=lambda e: (e["curve"][-1]["accuracy"], -e["wall_s"]))
+
+
+def _least_kl_at(entries: list[dict], accuracy: float) -> dict:
+    """The entry with the lowest KL where its curve first reaches `accuracy` (none reaches it: the most accurate)."""
+    reaching = [e for e in entries if reach(e["curve"], accuracy) is not None and "kl" in reach(e["curve"], accuracy)]
+    return min(reaching, key=lambda e: reach(e["curve"], accuracy)["kl"]) if reaching else _most_accurate(entries)
 
 
 def _fastest(entries: list[dict], target: float) -> dict:
@@ -140,12 +160,12 @@ def _describe(entry: dict, targets: dict[str, float]) -> dict:
     }
 
 
-def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path) -> dict:
+def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path, reuse: Path | None = None) -> dict:
     """equal_time, race, time_to_grpo_accuracy and kl_matched from one set of runs (module docstring)."""
     missing = [m for m in ("apo", "trl_grpo") if m not in methods]
     if missing:
         raise SystemExit(f"peers: the equal_time and race modes compare apo with TRL GRPO; add {', '.join(missing)} to --methods")
-    c, runs = s["compare"], Runs(s, base, log_dir)
+    c, runs = s["compare"], Runs(s, base, log_dir, reuse)
     screen = c["screen_seed"]
     points = {m: sweep_points(m, s["lr"], s["beta2"], generations=s.get("grpo_generations")) for m in methods}
 
@@ -165,7 +185,11 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path) -> d
     grpo_race = runs.seeds("trl_grpo", _fastest(grpo_screen, plus["10"])["point"], seeds, None)
     apo_acc = runs.seeds("apo", _most_accurate(screened["apo"])["point"], seeds, budget)
     apo_race = runs.seeds("apo", _fastest(screened["apo"], plus["10"])["point"], seeds, budget)
-    chosen = {"trl_grpo": {"accuracy": grpo_acc, "race": grpo_race}, "apo": {"accuracy": apo_acc, "race": apo_race}}
+    # KL at matched accuracy: the point with the least KL where it reaches GRPO's screened accuracy
+    apo_kl = runs.seeds("apo", _least_kl_at(screened["apo"], _most_accurate(grpo_screen)["curve"][-1]["accuracy"])["point"],
+                        seeds, budget)
+    chosen = {"trl_grpo": {"accuracy": grpo_acc, "race": grpo_race},
+              "apo": {"accuracy": apo_acc, "race": apo_race, "kl": apo_kl}}
     if "trl_a2po" in methods:
         a2po = runs.seeds("trl_a2po", _fastest(screened["trl_a2po"], plus["10"])["point"], seeds, budget)
         chosen["trl_a2po"] = {"race": a2po}
@@ -179,9 +203,9 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path) -> d
 
     race = {m: _describe(entries["race"], plus) for m, entries in chosen.items()}
 
-    # time to GRPO's final accuracy, at whichever of apo's two configurations gets there sooner
+    # time to GRPO's final accuracy, at whichever of apo's configurations gets there soonest
     grpo_final = grpo["accuracy_mean"]
-    apo_times = [t for t in (_time(apo_acc["curve"], grpo_final), _time(apo_race["curve"], grpo_final)) if t is not None]
+    apo_times = [t for e in (apo_acc, apo_race, apo_kl) if (t := _time(e["curve"], grpo_final)) is not None]
     apo_time = min(apo_times) if apo_times else None
     to_accuracy = {"grpo_accuracy": grpo_final, "grpo_wall_s": budget,
                    "grpo_first_reached_s": _time(grpo_acc["curve"], grpo_final), "apo_time_s": apo_time,
@@ -189,9 +213,10 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path) -> d
     to_accuracy["met"] = to_accuracy["ratio"] is not None and to_accuracy["ratio"] <= 0.4
 
     # KL where the two are at the same accuracy: GRPO's final accuracy, or the best both reach
-    matched = min(grpo_final, max(p["accuracy"] for p in apo_acc["curve"]))
-    at_apo, at_grpo = reach(apo_acc["curve"], matched), reach(grpo_acc["curve"], matched)
-    kl = {"accuracy": round(matched, 4), "apo": at_apo, "trl_grpo": at_grpo, "target": "apo KL <= 0.8x GRPO's"}
+    matched = min(grpo_final, max(p["accuracy"] for p in apo_kl["curve"]))
+    at_apo, at_grpo = reach(apo_kl["curve"], matched), reach(grpo_acc["curve"], matched)
+    kl = {"accuracy": round(matched, 4), "apo": at_apo, "trl_grpo": at_grpo, "target": "apo KL <= 0.8x GRPO's",
+          "apo_config": apo_kl["point"], "trl_grpo_config": grpo_acc["point"]}
     # a ratio only of two positive estimates (a sampled KL near 0 can come out below it)
     positive = at_apo and at_grpo and at_apo.get("kl", 0) > 0 and at_grpo.get("kl", 0) > 0
     kl["ratio"] = round(at_apo["kl"] / at_grpo["kl"], 4) if positive else None

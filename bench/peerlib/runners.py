@@ -482,8 +482,10 @@ def run_child(spec: dict, log_dir: Path, name: str, script: Path | None = None) 
     if code:
         tail = "".join(log.read_text().splitlines(True)[-30:])
         sys.exit(f"\n{script.stem}: child {name} failed (exit {code}); last lines of {log}:\n{tail}")
-    out = json.loads(result.read_text())
     wall = time.perf_counter() - start
     print(f"{wall:.0f}s", flush=True)
-    return {**out, "peak_rss_tree_mb": round(peak[0], 1), "child_wall_s": round(wall, 2), "loadavg_before": load}
+    out = {**json.loads(result.read_text()), "peak_rss_tree_mb": round(peak[0], 1), "child_wall_s": round(wall, 2),
+           "loadavg_before": load, "spec": spec}
+    result.write_text(json.dumps(out))  # with its spec: what `peers.py --reuse` checks before reusing it
+    return out
 
