@@ -77,7 +77,9 @@ from peerlib.settings import (  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes (= --size quick)")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None,
+                    help="full (default): the byte-level embedded model; qwen: embedded-qwen, Qwen2.5's vocabulary, ChatML")
     ap.add_argument("--modes", default="equal_time,race,memory", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every method (the same for all)")
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if answer_child(args, child_main):
         return
 
-    s = json.loads(json.dumps(SIZES["quick" if args.quick else "full"]))
+    size = args.size or ("quick" if args.quick else "full")
+    s = json.loads(json.dumps(SIZES[size]))
     for method in METHODS:
         given = getattr(args, f"lr_{method}")
         if given:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(m.startswith("trl") for m in methods) and util.find_spec("trl") is None:
         sys.exit(f"peers: trl is not installed in {sys.executable}; run `make bench-env` and use "
                  "bench/.venv-peers/bin/python (or pass --methods apo)")
-    out_path = args.out or ROOT / "bench" / "results" / ("peers-quick.json" if args.quick else "peers.json")
+    out_path = args.out or ROOT / "bench" / "results" / ("peers.json" if size == "full" else f"peers-{size}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="apo-peers-logs-"))
     base = base_spec(s, args.threads)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         results["scaling"] = measure_scaling(s, base, log_dir)
     if "gpu" in modes:
         results["gpu"] = measure_gpu(methods, args.gpu_size, base, log_dir)
-    results["settings"] = {"size": "quick" if args.quick else "full", "modes": modes, "methods": methods, **s,
+    results["settings"] = {"size": size, "modes": modes, "methods": methods, **s,
                            "grpo_generations": s.get("grpo_generations") or [GRPO_GENERATIONS], "beta1": APO_BETA1}
     for earlier in args.merge:
         part = json.loads(earlier.read_text())

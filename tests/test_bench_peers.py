@@ -325,3 +325,25 @@ def test_a_compare_run_reuses_an_earlier_childs_result_only_for_the_same_spec(mo
     assert ran == [] and reused["steps"] == 7 and reused["reused_from"].endswith("s0-B9.json")
     fresh = runs.one("apo", point, 1, 9.0)  # a result under that name, but of another spec: run again
     assert ran == ["curve-apo-lr0.0001-b20.1-s1-B9"] and fresh["steps"] == 1
+
+
+def test_one_point_per_method_needs_no_screening(monkeypatch, tmp_path):
+    """The qwen size names one configuration per method: no screening seed runs, GRPO's protocol
+    time at it is the budget of the others."""
+    from peerlib import compare
+
+    calls = []
+
+    def fake_run(spec, log_dir, name):
+        calls.append(spec)
+        wall = 50.0 if spec["method"] == "trl_grpo" else spec["budget_s"]
+        curve = [{"t_s": 0.0, "step": 0, "accuracy": 0.2, "kl": 0.0}, {"t_s": wall, "step": 4, "accuracy": 0.35, "kl": 0.01}]
+        return {"wall_s": wall, "steps": 4, "final_accuracy": 0.35, "reference_accuracy": 0.2, "curve": curve, "kl": 0.01}
+
+    monkeypatch.setattr(compare, "run_child", fake_run)
+    s = json.loads(json.dumps(settings.SIZES["qwen"]))
+    r = compare.measure_compare(["apo", "trl_grpo", "trl_a2po"], s, settings.base_spec(s, 1), tmp_path)
+    assert [c["seed"] for c in calls] == [0, 0, 0] and [c["method"] for c in calls] == ["trl_grpo", "apo", "trl_a2po"]
+    assert all(c["model"] == "embedded-qwen" and c["template"] == "chat" for c in calls)
+    assert r["equal_time"]["budget_s"] == 50.0 and r["compare"]["screening"] == {}
+    assert r["race"]["apo"]["time_to_target_s"] == {"10": 50.0, "15": 50.0}

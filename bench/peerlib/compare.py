@@ -166,32 +166,43 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path, reus
     if missing:
         raise SystemExit(f"peers: the equal_time and race modes compare apo with TRL GRPO; add {', '.join(missing)} to --methods")
     c, runs = s["compare"], Runs(s, base, log_dir, reuse)
-    screen = c["screen_seed"]
+    screen = c["screen_seed"]  # one point per method: no screening, the point is the configuration
     points = {m: sweep_points(m, s["lr"], s["beta2"], generations=s.get("grpo_generations")) for m in methods}
 
-    # 1. screening on its own seed
-    grpo_screen = [runs.seeds("trl_grpo", p, [screen], None) for p in points["trl_grpo"]]
-    reference = grpo_screen[0]["runs"][0]["reference_accuracy"]
-    plus = {"10": reference + 0.10, "15": reference + 0.15}
-    budget_screen = _most_accurate(grpo_screen)["wall_s"]
-    screened = {"trl_grpo": grpo_screen}
-    for m in (m for m in methods if m != "trl_grpo"):
-        screened[m] = [runs.seeds(m, p, [screen], budget_screen) for p in points[m]]
-
-    # 2. the reported seeds at each method's best configurations
     seeds = c["seeds"]
-    grpo_acc = runs.seeds("trl_grpo", _most_accurate(grpo_screen)["point"], seeds, None)
-    budget = grpo_acc["wall_s"]  # the wall time GRPO needs for the paper protocol at its best configuration
-    grpo_race = runs.seeds("trl_grpo", _fastest(grpo_screen, plus["10"])["point"], seeds, None)
-    apo_acc = runs.seeds("apo", _most_accurate(screened["apo"])["point"], seeds, budget)
-    apo_race = runs.seeds("apo", _fastest(screened["apo"], plus["10"])["point"], seeds, budget)
-    # KL at matched accuracy: the point with the least KL where it reaches GRPO's screened accuracy
-    apo_kl = runs.seeds("apo", _least_kl_at(screened["apo"], _most_accurate(grpo_screen)["curve"][-1]["accuracy"])["point"],
-                        seeds, budget)
+    if all(len(points[m]) == 1 for m in methods):  # one point each (e.g. the qwen size): nothing to choose
+        only = {m: points[m][0] for m in methods}
+        grpo_acc = grpo_race = runs.seeds("trl_grpo", only["trl_grpo"], seeds, None)
+        budget = budget_screen = grpo_acc["wall_s"]
+        apo_acc = apo_race = apo_kl = runs.seeds("apo", only["apo"], seeds, budget)
+        screened = {}
+        a2po = runs.seeds("trl_a2po", only["trl_a2po"], seeds, budget) if "trl_a2po" in methods else None
+        reference = grpo_acc["runs"][0]["reference_accuracy"]
+        plus = {"10": reference + 0.10, "15": reference + 0.15}
+    else:
+        # 1. screening on its own seed
+        grpo_screen = [runs.seeds("trl_grpo", p, [screen], None) for p in points["trl_grpo"]]
+        reference = grpo_screen[0]["runs"][0]["reference_accuracy"]
+        plus = {"10": reference + 0.10, "15": reference + 0.15}
+        budget_screen = _most_accurate(grpo_screen)["wall_s"]
+        screened = {"trl_grpo": grpo_screen}
+        for m in (m for m in methods if m != "trl_grpo"):
+            screened[m] = [runs.seeds(m, p, [screen], budget_screen) for p in points[m]]
+
+        # 2. the reported seeds at each method's best configurations
+        grpo_acc = runs.seeds("trl_grpo", _most_accurate(grpo_screen)["point"], seeds, None)
+        budget = grpo_acc["wall_s"]  # the wall time GRPO needs for the paper protocol at its best configuration
+        grpo_race = runs.seeds("trl_grpo", _fastest(grpo_screen, plus["10"])["point"], seeds, None)
+        apo_acc = runs.seeds("apo", _most_accurate(screened["apo"])["point"], seeds, budget)
+        apo_race = runs.seeds("apo", _fastest(screened["apo"], plus["10"])["point"], seeds, budget)
+        # KL at matched accuracy: the point with the least KL where it reaches GRPO's screened accuracy
+        apo_kl = runs.seeds("apo", _least_kl_at(screened["apo"], _most_accurate(grpo_screen)["curve"][-1]["accuracy"])["point"],
+                            seeds, budget)
+        a2po = runs.seeds("trl_a2po", _fastest(screened["trl_a2po"], plus["10"])["point"], seeds, budget) \
+            if "trl_a2po" in methods else None
     chosen = {"trl_grpo": {"accuracy": grpo_acc, "race": grpo_race},
               "apo": {"accuracy": apo_acc, "race": apo_race, "kl": apo_kl}}
-    if "trl_a2po" in methods:
-        a2po = runs.seeds("trl_a2po", _fastest(screened["trl_a2po"], plus["10"])["point"], seeds, budget)
+    if a2po is not None:
         chosen["trl_a2po"] = {"race": a2po}
 
     grpo, apo = _describe(grpo_acc, plus), _describe(apo_acc, plus)

@@ -75,9 +75,12 @@ def random_model(shape: dict, mode: str, base: dict, log_dir: Path):
 
 
 def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
+    """Peak RSS of each method at its defaults on a random Qwen2 of the size's shape, or (shape None)
+    on the size's own model."""
     m = s["memory"]
-    with random_model(m["shape"], "memory", base, log_dir) as (model_dir, params):
-        out = {"model": {"params": params, "shape": m["shape"]}}
+    own = contextlib.nullcontext((base["model"], None))
+    with (own if m["shape"] is None else random_model(m["shape"], "memory", base, log_dir)) as (model_dir, params):
+        out = {"model": {"params": params, "shape": m["shape"] or base["model"]}}
         for method in methods:
             # the training prompts are exactly those of the measured steps (stage 1 samples each N times)
             spec = {**base, "model": model_dir, "method": method, "mode": "memory", "seed": 0, "score": False,
@@ -86,6 +89,7 @@ def measure_memory(methods, s: dict, base: dict, log_dir: Path) -> dict:
             r = run_child(spec, log_dir, f"memory-{method}")
             out[method] = {k: r[k] for k in ("peak_rss_mb", "peak_rss_tree_mb", "wall_s", "steps", "phases", "memory_plan")
                            if k in r}
+            out["model"]["params"] = out["model"]["params"] or r.get("params")
     return out
 
 

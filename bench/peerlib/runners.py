@@ -50,8 +50,8 @@ def run_apo_core(spec: dict) -> dict:
     from apo_core.rollouts import aggregate_vstar, sample_reference, training_prompts
     from apo_core.trainer import OnlineTrainer
 
-    train, test = task_records(spec["train"], spec["test"])
     model, tok = _load(spec["model"])
+    train, test = task_records(spec["train"], spec["test"], tok, spec.get("template", "auto"))
     profiling = spec["mode"] == "memory"
     phases = [memory_phase("policy loaded", model)] if profiling else []
     reward = get_reward("embedded")
@@ -107,6 +107,7 @@ def run_apo_core(spec: dict) -> dict:
     if profiling:
         out["phases"] = phases
         out["memory_plan"] = dict(trainer.memory)  # the "auto" switches as resolved for this model
+        out["params"] = sum(p.numel() for p in model.parameters())
     if spec["score"]:
         out.update(final_accuracy=scorer.finish(trainer.step), reference_accuracy=reference_accuracy,
                    curve=scorer.points, eval_s=scorer.eval_seconds,
@@ -196,8 +197,8 @@ def run_trl(spec: dict) -> dict:
 
     from apo_core.rewards import gsm8k_reward
 
-    train, test = task_records(spec["train"], spec["test"])
     model, tok = _load(spec["model"])
+    train, test = task_records(spec["train"], spec["test"], tok, spec.get("template", "auto"))
     reference, _ = _load(spec["model"]) if spec["score"] else (None, None)
     P, mnt = spec["prompts_per_step"], spec["max_new_tokens"]
     counted = {"tokens": 0}

@@ -29,12 +29,14 @@ class Clock:
             self._paused += time.perf_counter() - t0
 
 
-def task_records(train: int, test: int):
-    """(training, held-out) prompt records of the embedded task, exactly as preprocess makes them."""
+def task_records(train: int, test: int, tokenizer=None, template: str = "auto"):
+    """(training, held-out) prompt records of the embedded task, exactly as preprocess makes them
+    (template `chat`: each expression a user turn through `tokenizer`'s chat template)."""
     from apo_core.config import DataConfig
-    from apo_core.data import embedded_prompt_set
+    from apo_core.data import chat_prompt, embedded_prompt_set
 
-    records = embedded_prompt_set(DataConfig(train_size=train, test_size=test))
+    chat = (lambda content: chat_prompt(tokenizer, content)) if template == "chat" else None
+    records = embedded_prompt_set(DataConfig(train_size=train, test_size=test, template=template), chat)
     return [r for r in records if r.split == "train"], [r for r in records if r.split == "test"]
 
 

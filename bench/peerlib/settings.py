@@ -36,6 +36,14 @@ SIZES = {
                  memory=dict(shape=QWEN25_05B, steps=2, prompts_per_step=8, max_new_tokens=16),
                  overhead=dict(train=1024, test=500),
                  scaling=dict(stage1=[[128, 8], [256, 8], [512, 4], [512, 8]], stage2_n=[2, 8, 32], prompts=128, warmup=1, steps=3)),
+    # the race and memory again on embedded-qwen (Qwen2.5's tokenizer, 151,936-row vocabulary; ChatML prompts):
+    # a step costs ~15x the byte-level model's, so fewer and shorter runs, one seed, each method at the
+    # byte-level comparison's chosen point (one point each: no screening)
+    "qwen": dict(model="embedded-qwen", template="chat", train=128, test=200, n_ref=4, max_new_tokens=56,
+                 prompts_per_step=32, passes=4, seeds=[0],
+                 lr={"apo": [5e-5], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1], grpo_generations=[4],
+                 compare=dict(screen_seed=100, seeds=[0], eval_every_s=30.0, kl_records=64),
+                 memory=dict(shape=None, steps=2, prompts_per_step=8, max_new_tokens=16)),
     "quick": dict(train=16, test=16, n_ref=2, max_new_tokens=48, prompts_per_step=8, passes=1, seeds=[0],
                   lr={"apo": [1e-4], "trl_grpo": [1e-4], "trl_a2po": [1e-4]}, beta2=[0.1], grpo_generations=[2],
                   compare=dict(screen_seed=100, seeds=[0], eval_every_s=2.0, kl_records=8),
@@ -55,8 +63,9 @@ GPU_SIZES = {
 
 def base_spec(s: dict, threads: int) -> dict:
     """What every child of a size shares: the model, the threads, the data and the step shape."""
-    return {"model": "embedded", "threads": threads, "train": s["train"], "test": s["test"], "n_ref": s["n_ref"],
-            "max_new_tokens": s["max_new_tokens"], "prompts_per_step": s["prompts_per_step"]}
+    return {"model": s.get("model", "embedded"), "template": s.get("template", "auto"), "threads": threads,
+            "train": s["train"], "test": s["test"], "n_ref": s["n_ref"], "max_new_tokens": s["max_new_tokens"],
+            "prompts_per_step": s["prompts_per_step"]}
 
 
 def comma_floats(text: str) -> list[float]:
