@@ -325,6 +325,10 @@ def test_a_compare_run_reuses_an_earlier_childs_result_only_for_the_same_spec(mo
     assert ran == [] and reused["steps"] == 7 and reused["reused_from"].endswith("s0-B9.json")
     fresh = runs.one("apo", point, 1, 9.0)  # a result under that name, but of another spec: run again
     assert ran == ["curve-apo-lr0.0001-b20.1-s1-B9"] and fresh["steps"] == 1
+    untemplated = {k: v for k, v in same.items() if k != "template"}  # written before specs named the template
+    (earlier / "curve-apo-lr0.0001-b20.1-s2-B9.json").write_text(json.dumps(
+        {"wall_s": 9.0, "steps": 7, "final_accuracy": 0.6, "curve": [], "kl": 0.01, "spec": {**untemplated, "seed": 2}}))
+    assert runs.one("apo", point, 2, 9.0)["steps"] == 7 and len(ran) == 1
 
 
 def test_one_point_per_method_needs_no_screening(monkeypatch, tmp_path):

@@ -99,7 +99,9 @@ class Runs:
         if found is None or not found.exists():
             return None
         earlier = json.loads(found.read_text())
-        if earlier.get("spec", spec) != spec:  # results written before specs were kept are matched by name
+        # results written before specs were kept are matched by name; before `template` was a spec
+        # key, every child used the "auto" template
+        if {"template": "auto", **earlier.get("spec", spec)} != spec:
             return None
         print(f"  {tag} ... reused from {found}", flush=True)
         return {**earlier, "reused_from": str(found)}
