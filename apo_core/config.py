@@ -184,7 +184,7 @@ class TrainConfig(Section):
     max_new_tokens: int = Field(96, ge=1)
     """Longest on-policy response."""
     length_buckets: int = Field(2, ge=1)
-    """Score a minibatch (policy and pi_ref log-probs) in this many forwards of rows of similar length, each padded only to its own longest row: the same loss and gradient without the compute of padding when response lengths vary. 1: one forward per minibatch. DeepSpeed ZeRO-3 always uses 1 (its ranks must call the model in lockstep)."""
+    """Score a minibatch (policy and pi_ref log-probs) in this many forwards of rows of similar length, each padded only to its own longest row: the same loss and gradient without the compute of padding when response lengths vary. 1: one forward per minibatch. DeepSpeed ZeRO-3 always uses 1 (its ranks must call the model in lockstep), and so does the policy's forward under update_in_backward (a weight's gradient must be final when it arrives)."""
     time_budget_s: float | None = Field(None, gt=0)
     """Wall-clock seconds training may take (rollout steps and checkpoints, summed over resumes): it ends, as if `steps` were reached, before a step that would not finish (with its checkpoint) within them, judged by the last step's time; that step is checkpointed and its model published. For a run that must fit a time slot, or a comparison at equal wall time. None: `steps` alone decides."""
     max_nonfinite_in_a_row: int = Field(3, ge=1)

@@ -151,6 +151,10 @@ class OnlineTrainer:
         # ZeRO-3: every call of a partitioned module is a collective, so ranks score blocks of one shape
         self.lockstep = self.ds is not None and partitioned(policy)
         self.buckets = 1 if self.lockstep else cfg.length_buckets  # forwards per minibatch (modeling.length_buckets)
+        # the policy's forward in one graph where each weight is updated as soon as its gradient is
+        # final: with two bucket graphs the autograd engine runs the later one's backward first and
+        # holds its partial gradient of every weight until the earlier one's arrives (+1.4 GB at 0.5B)
+        self.policy_buckets = 1 if self.memory["update_in_backward"] else self.buckets
         self.step = 0  # rollout steps completed
         self.train_seconds = 0.0  # wall-clock seconds spent in train(), summed over resumes (time_budget_s)
         self.last_step_seconds = 0.0  # how long the last rollout step took (what the next one is expected to take)
@@ -240,9 +244,9 @@ class OnlineTrainer:
         mb = mb.with_response_len(T)
         trained = self.ds if self.ds is not None else self.policy
         if cfg.entropy_coef > 0:
-            logp, token_entropies = response_logprobs(trained, mb, with_entropy=True, buckets=self.buckets)
+            logp, token_entropies = response_logprobs(trained, mb, with_entropy=True, buckets=self.policy_buckets)
         else:
-            logp = response_logprobs(trained, mb, buckets=self.buckets)
+            logp = response_logprobs(trained, mb, buckets=self.policy_buckets)
         loss, metrics = apo_loss(logp, rollout.ref_logp[rows, :T], mb.response_mask, rollout.reward[rows], rollout.vstar[rows], cfg.beta2)
         if cfg.entropy_coef > 0:
             entropy = mean_entropy(token_entropies, mb.response_mask)

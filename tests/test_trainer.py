@@ -168,6 +168,28 @@ def test_update_in_backward_matches_the_usual_clipped_update(tiny_model_dir, tmp
     assert all(p.grad is None for p in fused.policy.parameters())  # no gradient outlives its update
 
 
+def test_update_in_backward_scores_the_policy_in_one_graph(tiny_model_dir, tmp_path, monkeypatch):
+    """Each weight is updated as soon as its gradient is final, so the policy's log-probs come
+    from one forward per minibatch under update_in_backward: with two length-bucket graphs the
+    autograd engine would hold the later graph's partial gradient of every weight until the
+    earlier one's arrived (a whole gradient set, which the update-in-backward path exists to
+    avoid). pi_ref, without gradients, keeps its buckets; without update_in_backward so does the policy."""
+    from apo_core import trainer as trainer_module
+
+    calls = []
+    real = trainer_module.response_logprobs
+    monkeypatch.setattr(trainer_module, "response_logprobs",
+                        lambda model, batch, **kw: calls.append((model.training, kw.get("buckets"))) or real(model, batch, **kw))
+    for in_backward in (True, False):
+        calls.clear()
+        trainer = make_trainer(tiny_model_dir, steps=1, length_buckets=2, optimizer_state_dtype="bfloat16",
+                               update_in_backward=in_backward)
+        trainer.train(PROMPTS, tmp_path / str(in_backward))
+        policy = {b for training, b in calls if training}
+        reference = {b for training, b in calls if not training}
+        assert reference == {2} and policy == ({1} if in_backward else {2})
+
+
 def test_memory_plan_auto_by_model_size():
     from apo_core.trainer import memory_plan
 
