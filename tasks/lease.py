@@ -19,6 +19,7 @@ kept in the lease file, so a takeover frees the displaced holder's slot too.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import json
 import os
@@ -234,7 +235,10 @@ class RunLease:
         for n, uri in ((_number(u), u) for u in storage.listing(lease_dir(self.run_uri))):
             if n is not None and n < self.number:
                 storage.remove(uri)  # superseded
-        self._thread = threading.Thread(target=self._renew_loop, name="apo-lease", daemon=True)
+        # the renewals run in the caller's context: a Prefect API set for this run by temporary
+        # settings (`apo run`'s local server) is a context variable, which a new thread would not see
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._renew_loop,),
+                                        name="apo-lease", daemon=True)
         self._thread.start()
         return self
 

@@ -126,6 +126,25 @@ def test_on_s3_exactly_one_of_simultaneous_acquirers_wins(s3_endpoint, record_fa
                  "exactly one created lease 1 (conditional PUT); the other three were refused in one line each")
 
 
+def test_the_prefect_slot_is_renewed_on_the_server_the_run_was_given(prefect_api, tmp_path, capsys):
+    """`apo run` points Prefect at its own local server with temporary settings (a context
+    variable): the renewal thread must renew the slot there, not on a server of its own (where
+    the lease does not exist: every renewal failed with 410 Gone, and the slot expired mid-run)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    with temporary_settings(updates={PREFECT_API_URL: url}):  # set in this context only, as `apo run` does
+        holder = lease.RunLease(str(tmp_path / "r"), "renewed-r", ttl_s=0.4, prefect=True).acquire()
+    renewed, real = [], holder.slot.renew
+    holder.slot.renew = lambda: real() or renewed.append(PREFECT_API_URL.value())
+    deadline = time.monotonic() + 20
+    while len(renewed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    holder.release()
+    assert len(renewed) >= 2 and set(renewed) == {url}
+    assert "renewing the lease" not in capsys.readouterr().out
+
+
 def test_the_prefect_limit_is_taken_strictly_and_a_takeover_frees_the_crashed_holders_slot(prefect_api, tmp_path, record_fault):
     from prefect.client.orchestration import get_client
 
