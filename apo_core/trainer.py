@@ -150,11 +150,12 @@ class OnlineTrainer:
             self.device = self.ds.device
         # ZeRO-3: every call of a partitioned module is a collective, so ranks score blocks of one shape
         self.lockstep = self.ds is not None and partitioned(policy)
-        self.buckets = 1 if self.lockstep else cfg.length_buckets  # forwards per minibatch (modeling.length_buckets)
-        # the policy's forward in one graph where each weight is updated as soon as its gradient is
-        # final: with two bucket graphs the autograd engine runs the later one's backward first and
-        # holds its partial gradient of every weight until the earlier one's arrives (+1.4 GB at 0.5B)
-        self.policy_buckets = 1 if self.memory["update_in_backward"] else self.buckets
+        # forwards per minibatch (modeling.length_buckets). The policy's in one graph where each weight
+        # is updated as soon as its gradient is final: with two bucket graphs the autograd engine runs
+        # the later one's backward first and holds its partial gradient of every weight until the
+        # earlier one's arrives (+1.4 GB at 0.5B); the usual backward keeps that sum as the gradient.
+        self.ref_buckets = 1 if self.lockstep else cfg.length_buckets
+        self.policy_buckets = 1 if self.memory["update_in_backward"] else self.ref_buckets
         self.step = 0  # rollout steps completed
         self.train_seconds = 0.0  # wall-clock seconds spent in train(), summed over resumes (time_budget_s)
         self.last_step_seconds = 0.0  # how long the last rollout step took (what the next one is expected to take)
@@ -227,7 +228,7 @@ class OnlineTrainer:
                          self.tokenizer.pad_token_id).to(self.device)
         tokens = tokens.with_response_len(self._same_on_every_rank(tokens.response_mask.shape[1]))
         with torch.no_grad():
-            ref_logp = response_logprobs(self.ref_policy, tokens, buckets=self.buckets)  # (R, T)
+            ref_logp = response_logprobs(self.ref_policy, tokens, buckets=self.ref_buckets)  # (R, T)
         return Rollout(
             completions, rewards, tokens, ref_logp,
             reward=torch.tensor(rewards, dtype=torch.float32, device=self.device),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .measures import run_tag, sweep_points
 from .runners import run_child
+from .settings import DEFAULT_TEMPLATE
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -99,9 +100,9 @@ class Runs:
         if found is None or not found.exists():
             return None
         earlier = json.loads(found.read_text())
-        # results written before specs were kept are matched by name; before `template` was a spec
-        # key, every child used the "auto" template
-        if {"template": "auto", **earlier.get("spec", spec)} != spec:
+        # results written before specs were kept are matched by name, those before specs named the
+        # template used the default one
+        if {"template": DEFAULT_TEMPLATE, **earlier.get("spec", spec)} != spec:
             return None
         print(f"  {tag} ... reused from {found}", flush=True)
         return {**earlier, "reused_from": str(found)}

@@ -62,9 +62,12 @@ GPU_SIZES = {
 }
 
 
+DEFAULT_TEMPLATE = "auto"  # a size without `template`; also what children used before specs named one
+
+
 def base_spec(s: dict, threads: int) -> dict:
     """What every child of a size shares: the model, the threads, the data and the step shape."""
-    return {"model": s.get("model", "embedded"), "template": s.get("template", "auto"), "threads": threads,
+    return {"model": s.get("model", "embedded"), "template": s.get("template", DEFAULT_TEMPLATE), "threads": threads,
             "train": s["train"], "test": s["test"], "n_ref": s["n_ref"], "max_new_tokens": s["max_new_tokens"],
             "prompts_per_step": s["prompts_per_step"]}
 
