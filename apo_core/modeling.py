@@ -6,10 +6,11 @@ has P columns, the response block T columns, so every row's response starts at c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -149,12 +150,23 @@ class _StoredAs(torch.nn.Module):
         return weight.to(self.dtype)
 
 
+class _WidenOutput:
+    """Forward hook: a narrow-stored embedding's output rows widened to `dtype`."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args, output: Tensor) -> Tensor:
+        return output.to(self.dtype)
+
+
 def reference_of(policy, storage_dtype: str | torch.dtype | None = None) -> torch.nn.Module:
     """pi_ref for `policy`: adapter disabled for a PEFT model, else a frozen copy of the weights.
 
     storage_dtype (e.g. "bfloat16"; None or "model": an exact copy): the copy's matrices (linear and embedding weights) are
     stored in that dtype and widened to the policy's dtype for each forward, one matrix at a
-    time: half the reference's memory at fp32, the arithmetic unchanged. The copy is made
+    time (an embedding: only the rows looked up; the output layer: one logits tile at a time,
+    `_ChunkedScores`): half the reference's memory at fp32, the arithmetic unchanged. The copy is made
     matrix by matrix, so a full-width second copy never exists, not even for a moment.
     """
     if is_peft(policy):
@@ -177,7 +189,11 @@ def reference_of(policy, storage_dtype: str | torch.dtype | None = None) -> torc
                 stored.append((name, weight.dtype))
     ref = copy.deepcopy(policy, memo)
     for name, wide in stored:
-        parametrize.register_parametrization(ref.get_submodule(name), "weight", _StoredAs(wide), unsafe=True)
+        module = ref.get_submodule(name)
+        if isinstance(module, torch.nn.Embedding):  # look the rows up narrow, then widen them: the same values
+            module.register_forward_hook(_WidenOutput(wide))
+        else:
+            parametrize.register_parametrization(module, "weight", _StoredAs(wide), unsafe=True)
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -319,62 +335,163 @@ def _score_chunk(head, h: Tensor, targets: Tensor, with_entropy: bool) -> Tensor
     return torch.stack(out, dim=-1)
 
 
+# Rows of the output matrix per logits tile of a large vocabulary: with LOGITS_CHUNK_ELEMENTS, a
+# tile holds up to 2,048 positions; the backward's gradient of one tile's rows is 8,192 x H.
+VOCAB_TILE = 8192
+
+
+def score_tile(vocab_size: int) -> tuple[int, int]:
+    """(positions, output rows) of one logits tile of the tiled scorer (`_tiled_scores`): at most
+    LOGITS_CHUNK_ELEMENTS logits at a time.
+
+    >>> score_tile(151936), score_tile(264)
+    ((2048, 8192), (63550, 264))
+    """
+    rows = min(vocab_size, VOCAB_TILE)
+    return max(1, LOGITS_CHUNK_ELEMENTS // rows), rows
+
+
+def _tile_logits(h: Tensor, weight: Tensor, rows: slice) -> Tensor:
+    """fp32 logits of the positions `h` (n, H) for the output rows `rows` of `weight`, the weight
+    widened to h's dtype one tile at a time (pi_ref keeps its matrices narrower)."""
+    return torch.nn.functional.linear(h, weight[rows].to(h.dtype)).float()
+
+
+def _tiled_scores(h: Tensor, weight: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`_score_chunk` of a plain linear output layer, over (positions x output rows) tiles: the
+    log-normaliser is accumulated over the vocabulary tiles (online logsumexp), so neither a
+    (n, V) logits block nor a widened copy of a narrow-stored weight exists. Returns the scores
+    (n, 1 or 2), log Z (n,) and, with the entropy, E_p[logit] (n,): what the backward needs."""
+    n, V = h.shape[0], weight.shape[0]
+    chunk, tile = score_tile(V)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    log_z, target_logit = torch.empty(n, **f32), torch.empty(n, **f32)
+    mean_logit = torch.empty(n, **f32) if with_entropy else None
+    for i in range(0, n, chunk):
+        hc, tc = h[i : i + chunk], targets[i : i + chunk]
+        m = torch.full((hc.shape[0],), -torch.inf, **f32)  # running max, sum of exp(logit - m), sum of exp(.) * logit
+        s, a, t = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+        for v in range(0, V, tile):
+            logits = _tile_logits(hc, weight, slice(v, v + tile))
+            inside = (tc >= v) & (tc < v + logits.shape[1])
+            t = torch.where(inside, logits.gather(-1, (tc - v).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(-1), t)
+            m_new = torch.maximum(m, logits.amax(-1))
+            rescale = (m - m_new).exp_()
+            e = (logits - m_new[:, None]).exp_()
+            s = s.mul_(rescale).add_(e.sum(-1))
+            if with_entropy:
+                a = a.mul_(rescale).add_(e.mul_(logits).sum(-1))
+            m = m_new
+        log_z[i : i + chunk] = m + s.log()
+        target_logit[i : i + chunk] = t
+        if with_entropy:
+            mean_logit[i : i + chunk] = a / s
+    out = [target_logit - log_z]
+    if with_entropy:  # H = log Z - E_p[logit]
+        out.append(log_z - mean_logit)
+    return torch.stack(out, dim=-1), log_z, mean_logit
+
+
+# id(weight) -> take(first_row, gradient rows): an output matrix whose gradient a caller takes tile
+# by tile during the backward (`output_gradient_by_rows`) instead of as one (V, H) tensor.
+_ROW_TAKERS: dict[int, Callable[[int, Tensor], None]] = {}
+
+
+@contextlib.contextmanager
+def output_gradient_by_rows(weight: Tensor, take: Callable[[int, Tensor], None]):
+    """While open, a backward through the tiled scorer hands `weight`'s gradient to
+    take(first_row, rows) one vocabulary tile at a time, as soon as those rows are final for
+    the output layer, and accumulates none of it in weight.grad: a (V, H) gradient buffer never
+    exists (544 MB at Qwen2.5-0.5B in fp32). A tied input embedding still adds its own part,
+    for the batch's tokens only, to weight.grad."""
+    _ROW_TAKERS[id(weight)] = take
+    try:
+        yield
+    finally:
+        del _ROW_TAKERS[id(weight)]
+
+
 class _FusedChunkScores(torch.autograd.Function):
-    """`_score_chunk` over every chunk of n positions as ONE autograd node of a plain linear output
-    layer: the backward recomputes each chunk's logits and adds its share of the weight's gradient
-    into one (V, H) buffer, where per-chunk checkpoints would each make a (V, H) gradient that is
-    then summed into the weight's (two of them alive at once: 1.1 GB at Qwen2.5-0.5B's vocabulary).
+    """`_tiled_scores` as ONE autograd node of a plain linear output layer: the backward recomputes
+    the logits tile by tile, vocabulary tiles outermost, so each tile's rows of the weight's
+    gradient are final when its positions are done; they go to one (V, H) buffer, or to the
+    caller of `output_gradient_by_rows`. Per-chunk checkpoints would each make a (V, H) gradient
+    that is then summed into the weight's (two of them alive at once).
     d log p(y)/d logit_v = [v = y] - p_v; d H/d logit_v = -p_v (logit_v - E_p[logit])."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, head, targets: Tensor, chunk: int, with_entropy: bool) -> Tensor:
-        ctx.head, ctx.chunk, ctx.with_entropy = head, chunk, with_entropy
-        ctx.save_for_backward(h, targets)
-        with torch.no_grad():
-            return torch.cat([_score_chunk(head, h[i : i + chunk], targets[i : i + chunk], with_entropy)
-                              for i in range(0, h.shape[0], chunk)])
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, with_entropy: bool) -> Tensor:
+        ctx.with_entropy = with_entropy
+        scores, log_z, mean_logit = _tiled_scores(h, weight, targets, with_entropy)
+        ctx.save_for_backward(h, weight, targets, log_z, mean_logit if with_entropy else None)
+        return scores
 
     @staticmethod
+    @torch.no_grad()
     def backward(ctx, grad_out: Tensor):
-        h, targets = ctx.saved_tensors
-        weight = ctx.head.weight
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for i in range(0, h.shape[0], ctx.chunk):
-            rows = slice(i, i + ctx.chunk)
-            with torch.no_grad():
-                logits = ctx.head(h[rows]).float()  # (n, V): recomputed, one chunk at a time
-                p = torch.softmax(logits, dim=-1)
-                g_logp = grad_out[rows, 0:1].float()
+        h, weight, targets, log_z, mean_logit = ctx.saved_tensors
+        (n, width), V = h.shape, weight.shape[0]
+        chunk, tile = score_tile(V)
+        take = _ROW_TAKERS.get(id(weight)) if ctx.needs_input_grad[1] else None
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] and take is None else None
+        g_logp = grad_out[:, 0].float()
+        for v in range(0, V, tile):
+            rows = slice(v, min(v + tile, V))
+            w = weight[rows].to(h.dtype)
+            tile_grad = (grad_w[rows] if grad_w is not None else  # this tile's rows of the weight's gradient
+                         h.new_zeros(rows.stop - v, width) if take is not None else None)
+            for i in range(0, n, chunk):
+                pos = slice(i, i + chunk)
+                logits = _tile_logits(h[pos], weight, rows)
+                p = (logits - log_z[pos, None]).exp_()
                 if ctx.with_entropy:  # the entropy's part first, while `logits` is still needed
-                    g = (logits - (p * logits).sum(-1, keepdim=True)).mul_(p).mul_(-grad_out[rows, 1:2].float())
-                    g.sub_(p * g_logp)
+                    g = logits.sub_(mean_logit[pos, None]).mul_(p).mul_(-grad_out[pos, 1:2].float())
+                    g.sub_(p.mul_(g_logp[pos, None]))
                 else:
-                    g = p.mul_(-g_logp)
-                g.scatter_add_(-1, targets[rows, None], g_logp)
-                g = g.to(weight.dtype)
+                    g = p.mul_(-g_logp[pos, None])
+                hit = ((targets[pos] >= v) & (targets[pos] < rows.stop)).nonzero().squeeze(-1)
+                g.index_put_((hit, targets[pos][hit] - v), g_logp[pos][hit], accumulate=True)
+                g = g.to(h.dtype)
                 if grad_h is not None:
-                    grad_h[rows] = g @ weight
-                if grad_w is not None:
-                    grad_w.addmm_(g.t(), h[rows].to(weight.dtype))
-        return grad_h, grad_w, None, None, None, None
+                    grad_h[pos].addmm_(g, w)
+                if tile_grad is not None:
+                    tile_grad.addmm_(g.t(), h[pos])
+            if take is not None:
+                take(v, tile_grad.to(weight.dtype))
+        return grad_h, grad_w, None, None
 
 
-def _fusable(head) -> bool:
-    """A plain linear output layer without a bias, not partitioned (ZeRO-3) nor wrapped (LoRA)."""
-    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id") \
-        and not torch.nn.utils.parametrize.is_parametrized(head)
+def _tileable(head) -> Tensor | None:
+    """The stored weight of a plain linear output layer without a bias, not partitioned (ZeRO-3)
+    nor wrapped (LoRA), kept as is or narrower (pi_ref's `_StoredAs`); None for any other."""
+    parametrized = torch.nn.utils.parametrize.is_parametrized(head)
+    plain = type(head).__bases__ == (torch.nn.Linear,) if parametrized else type(head) is torch.nn.Linear
+    if not plain or head.bias is not None:
+        return None
+    if parametrized:  # its class is a subclass parametrize made of Linear
+        chain = head.parametrizations.weight
+        return chain.original if len(chain) == 1 and isinstance(chain[0], _StoredAs) else None
+    return None if hasattr(head.weight, "ds_id") else head.weight
+
+
+def output_matrix(model) -> Tensor | None:
+    """The weight of `model`'s output layer where the tiled scorer computes its logits (a plain
+    linear layer: `_tileable`), else None."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return _tileable(head) if head is not None else None
 
 
 class _ChunkedScores:
     """Stands in for a causal LM's output layer during one forward: given the final hidden states
     of the last T+1 columns, it returns per-token scores (B, T, k) of the T response tokens
-    instead of (B, T+1, V) logits. The logits are computed LOGITS_CHUNK_ELEMENTS at a time and,
-    when gradients are needed and there is more than one chunk, recomputed chunk by chunk in the
-    backward pass (activation checkpointing), so no B x T x V tensor exists in the forward or
-    the backward; a plain linear layer does that in one autograd node (`_FusedChunkScores`), whose
-    weight gradient is one buffer. It calls the real output module, so ZeRO-3's gathering hooks and
-    a LoRA adapter on it apply (those take per-chunk checkpoints)."""
+    instead of (B, T+1, V) logits. No B x T x V tensor exists in the forward or the backward:
+    a plain linear layer is scored in logits tiles (`_tiled_scores`; with gradients one autograd
+    node, `_FusedChunkScores`, that recomputes them in the backward) whenever the logits exceed
+    one chunk of LOGITS_CHUNK_ELEMENTS or its weight is stored narrower (pi_ref: no widened copy
+    of the matrix). Any other output module (ZeRO-3's partitioned layer, a LoRA adapter: their
+    hooks must run) is called LOGITS_CHUNK_ELEMENTS at a time, with a checkpoint per chunk."""
 
     def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
         self.head, self.targets, self.with_entropy = head, targets, with_entropy
@@ -384,11 +501,13 @@ class _ChunkedScores:
         B, T = self.targets.shape
         h = hidden[:, -(T + 1) : -1].reshape(B * T, -1)  # column j predicts token j+1
         targets = self.targets.reshape(B * T)
-        parts = []
+        weight = _tileable(self.head)
+        if weight is not None and (B * T > self.chunk or torch.nn.utils.parametrize.is_parametrized(self.head)):
+            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+                return _FusedChunkScores.apply(h, weight, targets, self.with_entropy).reshape(B, T, -1)
+            return _tiled_scores(h, weight, targets, self.with_entropy)[0].reshape(B, T, -1)
         recompute = torch.is_grad_enabled() and B * T > self.chunk  # one chunk: its logits are small enough to keep
-        if recompute and _fusable(self.head) and (h.requires_grad or self.head.weight.requires_grad):
-            scores = _FusedChunkScores.apply(h, self.head.weight, self.head, targets, self.chunk, self.with_entropy)
-            return scores.reshape(B, T, -1)
+        parts = []
         for start in range(0, B * T, self.chunk):
             rows = slice(start, start + self.chunk)
             if recompute:

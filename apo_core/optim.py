@@ -65,20 +65,38 @@ class BF16StateAdamW(torch.optim.Optimizer):
     def step_weight(self, p: Tensor, grad: Tensor, scale: float = 1.0) -> None:
         """The update of one weight from `grad` * `scale` (scale: a clipping coefficient), as
         step() makes it: lets a trainer update each weight as soon as its gradient is final."""
-        group, index = self._where[id(p)]
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        self.advance(p)
+        self.step_rows(p, None, grad, scale)
+
+    def advance(self, p: Tensor) -> None:
+        """Start this step's update of `p` (its step count, bias correction and rounding noise);
+        step_rows then updates its rows in parts."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["step"] += 1
+
+    @torch.no_grad()
+    def step_rows(self, p: Tensor, rows: Tensor | None, grad: Tensor, scale: float = 1.0) -> None:
+        """This step's update of the rows `rows` (indices along dim 0; None: all of `p`) from their
+        gradient `grad` (len(rows), ...), after advance(p): each row of a weight once per step,
+        in any number of parts (an output matrix whose gradient arrives a tile at a time)."""
+        group, index = self._where[id(p)]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
         t = int(state["step"])
-        generator = torch.Generator(device=p.device).manual_seed(derived_seed(self.seed, derived_seed(t, index, ORDER_STRIDE)))
+        seed = derived_seed(self.seed, derived_seed(t, index, ORDER_STRIDE))
+        if rows is not None:  # the part's own noise, whichever parts the rows come in
+            seed = derived_seed(seed, int(rows[0]) + 1 if rows.numel() else 0, ORDER_STRIDE)
+        generator = torch.Generator(device=p.device).manual_seed(seed)
         step_size = lr / (1 - beta1**t)
         bc2_sqrt = math.sqrt(1 - beta2**t)
-        weights, grads = p.view(-1), grad.reshape(-1)
-        means, squares = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        held = (p, state["exp_avg"], state["exp_avg_sq"])
+        # the rows gathered (they need not be contiguous) and written back after the update
+        weights, means, squares = (t.view(-1) if rows is None else t[rows].view(-1) for t in held)
+        grads = grad.reshape(-1)
         for start in range(0, weights.numel(), CHUNK):
             part = slice(start, start + CHUNK)
             w, g = weights[part], grads[part].float()
@@ -91,6 +109,9 @@ class BF16StateAdamW(torch.optim.Optimizer):
             w.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
             means[part] = round_to_bfloat16(m, generator)
             squares[part] = round_to_bfloat16(v, generator)
+        if rows is not None:
+            for into, part in zip(held, (weights, means, squares)):
+                into.index_copy_(0, rows, part.view(len(rows), *p.shape[1:]))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # torch casts floating state to each weight's dtype: narrow it back (exact)

@@ -11,6 +11,7 @@ a checkpoint (apo_core.checkpoints) continues exactly where the checkpoint left 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import Counter
@@ -25,7 +26,8 @@ from .checkpoints import vstar_table_hash
 from .config import TrainConfig
 from .engines import Completion, GenerationEngine
 from .distributed import all_max, gathered, partitioned
-from .modeling import TokenBatch, collate, response_logprobs, sparse_tied_embedding_grad
+from .modeling import (TokenBatch, collate, output_gradient_by_rows, output_matrix, response_logprobs,
+                       sparse_tied_embedding_grad)
 from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
 from .rewards import RewardFn
@@ -101,6 +103,43 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
 class StopRequested(RuntimeError):
     """Training stopped between two steps because it was asked to (a SIGTERM): the message says
     after which step, and whether a checkpoint was written for it or which one a resume uses."""
+
+
+class _OutputRows:
+    """The output matrix's gradient in one backward pass, as the tiled scorer hands it over a tile of
+    rows at a time (modeling.output_gradient_by_rows): rows no input embedding reaches are final on
+    arrival and go to use(weight, rows, gradient) at once; the rows of the batch's tokens (`tokens`,
+    where the input embedding is the same matrix: it adds its part to them last) are held, a
+    (tokens, H) block instead of a (V, H) gradient, and go to `use` after the backward (finish)."""
+
+    def __init__(self, weight: torch.Tensor, tokens: torch.Tensor | None, use: Callable, begin: Callable | None = None):
+        self.weight, self.use, self.begin, self.arrived = weight, use, begin, False  # begin(weight): before the first use
+        self.late = torch.unique(tokens) if tokens is not None else torch.zeros(0, dtype=torch.long)
+        self.late = self.late.to(weight.device)
+        self.final = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        self.final[self.late] = False
+        self.held = weight.new_zeros(len(self.late), *weight.shape[1:])
+
+    def take(self, first: int, grad: torch.Tensor) -> None:
+        if not self.arrived and self.begin is not None:
+            self.begin(self.weight)
+        self.arrived = True
+        rows = slice(first, first + grad.shape[0])
+        keep = self.final[rows].nonzero().squeeze(-1)
+        self.use(self.weight, keep + first, grad[keep])
+        lo, hi = torch.searchsorted(self.late, torch.tensor([rows.start, rows.stop], device=self.late.device)).tolist()
+        self.held[lo:hi] = grad[self.late[lo:hi] - first]
+
+    def finish(self) -> None:
+        """The held rows, with the input embedding's part (in weight.grad, sparse or dense) added, to `use`."""
+        extra, self.weight.grad = self.weight.grad, None
+        if extra is not None and extra.is_sparse:
+            extra = extra.coalesce()
+            self.held.index_add_(0, torch.searchsorted(self.late, extra.indices()[0]), extra.values())
+        elif extra is not None:
+            self.held += extra[self.late]
+        if len(self.late):
+            self.use(self.weight, self.late, self.held)
 
 
 class OnlineTrainer:
@@ -195,7 +234,7 @@ class OnlineTrainer:
         t0, sums, skipped = time.perf_counter(), {}, 0
         for rows in (slice(k, k + M) for k in range(0, len(batch), M)):
             loss, metrics = self._minibatch_loss(rollout, rows)
-            if self._update(loss, metrics):
+            if self._update(loss, metrics, rollout.tokens.input_ids[rows]):
                 sums = {key: sums.get(key, 0.0) + value.detach().float() for key, value in metrics.items()}
             else:
                 skipped += 1
@@ -255,9 +294,9 @@ class OnlineTrainer:
             metrics["entropy"] = entropy.detach()
         return loss, metrics
 
-    def _update(self, loss: torch.Tensor, metrics: dict) -> bool:
-        """One optimizer update from `loss` on this trainer's backend; metrics["grad_norm"] gets the
-        global gradient norm before clipping. An update with a NaN/inf loss or gradient is not
+    def _update(self, loss: torch.Tensor, metrics: dict, input_ids: torch.Tensor) -> bool:
+        """One optimizer update from `loss` (of a minibatch of the tokens `input_ids`) on this trainer's
+        backend; metrics["grad_norm"] gets the global gradient norm before clipping. An update with a NaN/inf loss or gradient is not
         applied: False, counted, and too many in a row stop the run."""
         if self.ds is not None:  # DeepSpeed averages gradients over ranks and clips them itself
             self.ds.backward(loss)
@@ -268,7 +307,7 @@ class OnlineTrainer:
             # it so) and reports the norm as inf; the norm is global, so every rank agrees.
             finite = bool(torch.isfinite(norm))
         elif self.memory["update_in_backward"]:
-            norm = self._update_in_backward(loss)  # applies the update only when loss and norm are finite
+            norm = self._update_in_backward(loss, input_ids)  # applies the update only when loss and norm are finite
             finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -407,35 +446,51 @@ class OnlineTrainer:
         raise StopRequested(f"train_online stopped after step {self.step}/{self.cfg.steps}, {since:.1f}s after the stop "
                             f"request: {done}")
 
-    def _update_in_backward(self, loss: torch.Tensor) -> torch.Tensor:
+    def _update_in_backward(self, loss: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Clipped AdamW without a full set of gradients: backward pass 1 keeps only each
         weight's gradient norm (the gradient is dropped once counted); if loss and norm are
         finite, pass 2 (the retained graph) updates each weight with the clipping coefficient as
-        soon as its gradient is final. A weight used by two modules (tied embeddings) gets its
-        gradient in two parts, so it is counted and updated after each pass instead. Returns
-        the global gradient norm before clipping, as clip_grad_norm_ does."""
+        soon as its gradient is final. The output matrix's gradient arrives a tile of rows at a
+        time (_OutputRows) and is counted, then applied, tile by tile. Any other weight used by
+        two modules gets its gradient in two parts, so it is counted and updated after each pass
+        instead. Returns the global gradient norm before clipping, as clip_grad_norm_ does."""
         trained = [p for p in self.policy.parameters() if p.requires_grad]
+        head = output_matrix(self.policy)
+        head = head if head is not None and head.requires_grad else None
         norms: list[torch.Tensor] = []
 
-        def count(p: torch.Tensor) -> None:
-            norms.append(torch.linalg.vector_norm(p.grad))
-            p.grad = None
+        def count_rows(p: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor) -> None:
+            norms.append(torch.linalg.vector_norm(grad))
 
-        def update(p: torch.Tensor) -> None:
-            self.optimizer.step_weight(p, p.grad, coef)
-            p.grad = None
+        def update_rows(p: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor) -> None:
+            if rows is None:
+                self.optimizer.step_weight(p, grad, coef)
+            else:  # a part of p's update, which _OutputRows began (advance)
+                self.optimizer.step_rows(p, rows, grad, coef)
 
-        for hook, retain in ((count, True), (update, False)):
+        def whole(use: Callable) -> Callable[[torch.Tensor], None]:
+            def hook(p: torch.Tensor) -> None:
+                use(p, None, p.grad)
+                p.grad = None
+            return hook
+
+        for use, begin, retain in ((count_rows, None, True), (update_rows, self.optimizer.advance, False)):
+            hook = whole(use)
             handles = [p.register_post_accumulate_grad_hook(hook) for p in trained if id(p) not in self._shared]
+            tiles = _OutputRows(head, input_ids if id(head) in self._shared else None, use, begin) \
+                if head is not None else None
             try:
-                loss.backward(retain_graph=retain)
+                with output_gradient_by_rows(head, tiles.take) if tiles else contextlib.nullcontext():
+                    loss.backward(retain_graph=retain)
             finally:
                 for handle in handles:
                     handle.remove()
+            if tiles is not None and tiles.arrived:
+                tiles.finish()
             for p in trained:
                 if id(p) in self._shared and p.grad is not None:
                     hook(p)
-            if hook is count:
+            if use is count_rows:
                 norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
                 if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
                     return norm  # no update; the retained graph goes with `loss`

@@ -163,9 +163,11 @@ def _full_logit_scores(model, batch):
     return token.float(), entropy.float()
 
 
-def test_chunked_scores_equal_the_full_logits_in_value_and_gradient(monkeypatch):
+@pytest.mark.parametrize("vocab_tile", [8192, 700])  # one tile of rows; five (the last partial)
+def test_chunked_scores_equal_the_full_logits_in_value_and_gradient(monkeypatch, vocab_tile):
     model = _random_qwen_vocab_model(vocab=3000)
     monkeypatch.setattr(modeling, "LOGITS_CHUNK_ELEMENTS", 3000 * 5)  # 5 tokens a chunk: several chunks per row
+    monkeypatch.setattr(modeling, "VOCAB_TILE", vocab_tile)
     g = torch.Generator().manual_seed(1)
     batch = collate([torch.randint(0, 3000, (n,), generator=g).tolist() for n in (4, 7)],
                     [torch.randint(0, 3000, (n,), generator=g).tolist() for n in (13, 6)], pad_id=0)
@@ -181,18 +183,24 @@ def test_chunked_scores_equal_the_full_logits_in_value_and_gradient(monkeypatch)
     assert "lm_head" not in model.__dict__  # the stand-in is gone after the forward
 
 
-def test_no_logits_block_beyond_one_chunk_at_qwens_vocabulary(monkeypatch):
-    """Forward and backward (with the entropy bonus) call the output layer on at most one chunk
-    of positions at a time, and never on the prompt."""
+def test_no_logits_block_beyond_one_tile_at_qwens_vocabulary(monkeypatch):
+    """Forward and backward (with the entropy bonus) compute at most LOGITS_CHUNK_ELEMENTS logits at
+    a time, each once forward and once recomputed in the backward, and never for the prompt."""
     model = _random_qwen_vocab_model()
-    rows_seen = []
-    model.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[:-1].numel()))
-    chunk = modeling.LOGITS_CHUNK_ELEMENTS // QWEN_VOCAB_SIZE
-    batch = collate([[1, 2, 3, 4, 5]] * 4, [list(range(10, 10 + 300))] * 4, pad_id=0)  # 4 x 300 response tokens
+    tiles = []
+    real = modeling._tile_logits
+
+    def spy(h, weight, rows):
+        logits = real(h, weight, rows)
+        tiles.append(logits.shape)
+        return logits
+
+    monkeypatch.setattr(modeling, "_tile_logits", spy)
+    batch = collate([[1, 2, 3, 4, 5]] * 4, [list(range(10, 10 + 600))] * 4, pad_id=0)  # 4 x 600 response tokens: two chunks of positions
     logp, entropy = response_logprobs(model, batch, with_entropy=True)
     (logp.sum() - entropy.sum()).backward()
-    assert rows_seen and max(rows_seen) <= chunk < 4 * 300
-    assert sum(rows_seen) == 2 * 4 * 300  # each position once forward, once recomputed in the backward
+    assert max(n * v for n, v in tiles) <= modeling.LOGITS_CHUNK_ELEMENTS < 4 * 600 * QWEN_VOCAB_SIZE
+    assert sum(n * v for n, v in tiles) == 2 * 4 * 600 * QWEN_VOCAB_SIZE
     assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
 
 

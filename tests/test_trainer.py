@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from apo_core import modeling
 from apo_core.config import TrainConfig
 from apo_core.engines import TransformersEngine
 from apo_core.modeling import add_lora, collate, load_model_and_tokenizer, reference_of, response_logprobs
@@ -115,7 +116,7 @@ def test_response_logprobs_match_the_full_logits(tiny_model_dir):
     assert torch.allclose(logp, expected, atol=1e-5)
 
 
-def test_reference_stored_in_bfloat16_halves_its_matrices_and_keeps_the_scores(tiny_model_dir):
+def test_reference_stored_in_bfloat16_halves_its_matrices_and_keeps_the_scores(tiny_model_dir, monkeypatch):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     policy_before = {k: v.clone() for k, v in model.state_dict().items()}
     exact, narrow = reference_of(model), reference_of(model, "bfloat16")
@@ -126,14 +127,24 @@ def test_reference_stored_in_bfloat16_halves_its_matrices_and_keeps_the_scores(t
 
     # every matrix narrowed, the norms and biases not: well under 60% of the exact copy
     assert stored_bytes(narrow) < 0.6 * stored_bytes(exact)
-    assert {p.dtype for n, p in narrow.named_parameters() if n.endswith("original")} == {torch.bfloat16}
+    assert {p.dtype for p in narrow.parameters() if p.dim() == 2} == {torch.bfloat16}
     if model.config.tie_word_embeddings:  # the tied matrix stays one tensor in the copy
-        assert narrow.lm_head.parametrizations.weight.original is narrow.model.embed_tokens.parametrizations.weight.original
+        assert narrow.lm_head.parametrizations.weight.original is narrow.model.embed_tokens.weight
     assert not any(p.requires_grad for p in narrow.parameters())
     batch = collate([tok.encode("12+34-56=?\n")], [tok.encode("#### 7") + [tok.eos_token_id]], tok.pad_token_id)
+    rounded = reference_of(model)  # an fp32 model holding the bf16-rounded matrices
     with torch.no_grad():
-        a, b = response_logprobs(exact, batch), response_logprobs(narrow, batch)
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(torch.bfloat16).float())
+    widened = []
+    real = modeling._StoredAs.forward
+    monkeypatch.setattr(modeling._StoredAs, "forward", lambda self, w: widened.append(w.shape) or real(self, w))
+    with torch.no_grad():
+        a, b, c = response_logprobs(exact, batch), response_logprobs(narrow, batch), response_logprobs(rounded, batch)
     assert b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.1  # rounded weights, fp32 arithmetic
+    assert torch.allclose(b, c, atol=1e-5)
+    assert widened and model.lm_head.weight.shape not in widened  # the vocabulary matrix is never widened whole
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in policy_before.items())  # the policy untouched
 
 
@@ -166,6 +177,40 @@ def test_update_in_backward_matches_the_usual_clipped_update(tiny_model_dir, tmp
         assert torch.allclose(a, b, atol=5e-5), k
         assert ((a - b).abs() > 1e-6).float().mean() < 0.01, k
     assert all(p.grad is None for p in fused.policy.parameters())  # no gradient outlives its update
+
+
+def test_update_in_backward_takes_the_output_matrix_a_tile_of_rows_at_a_time(tiny_model_dir, tmp_path, monkeypatch):
+    """Where the output layer's logits come in tiles, its tied matrix is counted and updated a tile of
+    rows at a time during the backward (the rows of the batch's tokens after the sparse embedding
+    gradient is added): the same weights as the usual clipped update, and the only gradient the
+    matrix ever holds is the embedding's sparse one, never a dense (V, H) tensor."""
+    from apo_core.modeling import sparse_tied_embedding_grad
+
+    monkeypatch.setattr(modeling, "LOGITS_CHUNK_ELEMENTS", 264 * 5)  # 5 positions per tile
+    monkeypatch.setattr(modeling, "VOCAB_TILE", 100)  # three tiles of rows, the last partial
+    runs, held = {}, []
+    for in_backward in (False, True):
+        trainer = make_trainer(tiny_model_dir, steps=3, grad_clip=1e-4, beta2=0.1, optimizer_state_dtype="bfloat16",
+                               update_in_backward=in_backward)
+        assert sparse_tied_embedding_grad(trainer.policy)
+        matrix = trainer.policy.lm_head.weight
+        if in_backward:
+            matrix.register_post_accumulate_grad_hook(lambda p: held.append((p.grad.is_sparse, p.grad._nnz())))
+        history = []
+        trainer.train(PROMPTS, tmp_path / str(in_backward), on_step=lambda s, m, _: history.append(m))
+        runs[in_backward] = (trainer, history)
+    (plain, h0), (tiled, h1) = runs[False], runs[True]
+    assert all(m["train/grad_norm"] > 1e-4 for m in h0)  # clipping did act
+    assert [m["train/grad_norm"] for m in h1] == pytest.approx([m["train/grad_norm"] for m in h0], rel=1e-4)
+    # 3 steps x 2 minibatches x 2 passes; each time only the embedding's rows of the batch's tokens
+    assert len(held) == 12 and all(sparse and 0 < nnz < 264 for sparse, nnz in held)
+    # Within the bf16 rounding bound of the test above (a row or sign error would move elements by
+    # up to 2 x lr = 2e-3: Adam's update is about lr per element whatever the gradient's scale); the
+    # matrix's rows are rounded with each tile's own noise, so most of its elements (and, through
+    # the next steps' gradients, a few % of the others') differ slightly.
+    for (k, a), b in zip(plain.policy.state_dict().items(), tiled.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=5e-5), k
+    assert all(p.grad is None for p in tiled.policy.parameters())
 
 
 def test_update_in_backward_scores_the_policy_in_one_graph(tiny_model_dir, tmp_path, monkeypatch):
