@@ -163,12 +163,13 @@ def memory_point(spec: dict) -> dict:
             metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
         phases.append(memory_phase("measured step", model, trainer.ref_policy, trainer.optimizer))
         used_elements = modeling.LOGITS_CHUNK_ELEMENTS
+        chunk_tokens = modeling.score_tile(V)[0]  # positions per logits tile
     finally:
         modeling.LOGITS_CHUNK_ELEMENTS = chunk_elements
     return {
         "vocab": V, "tokens": T, "prompts": P, "unchunked": bool(spec.get("unchunked")),
         "params": sum(p.numel() for p in model.parameters()), "body_config_from": source,
-        "logits_chunk_elements": used_elements, "chunk_tokens": min(max(1, used_elements // V), P * T),
+        "logits_chunk_elements": used_elements, "chunk_tokens": min(chunk_tokens, P * T),
         "rss_after_warmup_mb": round(rss_after_warmup, 1), "malloc_trim": trimmed,
         "rss_before_mb": round(before, 1), "peak_during_mb": round(peak["peak_mb"], 1),
         "rise_mb": round(peak["peak_mb"] - before, 1), "peak_method": peak["method"],
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     if answer_child(args, child_main):
         return
 
-    from apo_core.modeling import EMBEDDED_QWEN, LOGITS_CHUNK_ELEMENTS  # torch: the parent only reads a constant
+    from apo_core.modeling import EMBEDDED_QWEN, LOGITS_CHUNK_ELEMENTS, score_tile  # torch: the parent only reads constants
 
     parts = [p for p in args.parts.split(",") if p]
     if not parts or any(p not in PARTS for p in parts):
@@ -346,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; child logs in {log_dir}" if log_dir else "; in-process"))
     started, load_start = time.time(), os.getloadavg()
     results: dict = {"quick": args.quick, "isolation": "one process (--quick)" if in_process else "one child process per point",
-                     "logits_chunk_elements": LOGITS_CHUNK_ELEMENTS,  # chunk_tokens: per V, LOGITS_CHUNK_ELEMENTS // V
-                     "chunk_tokens": {str(V): max(1, LOGITS_CHUNK_ELEMENTS // V) for V in s["memory"]["vocab"]}}
+                     "logits_chunk_elements": LOGITS_CHUNK_ELEMENTS,  # chunk_tokens: per V, positions per logits tile
+                     "chunk_tokens": {str(V): score_tile(V)[0] for V in s["memory"]["vocab"]}}
     if "memory" in parts:
         results["memory"] = measure_memory(s["memory"], args.threads, log_dir, args.unchunked)
     if "stage1" in parts:

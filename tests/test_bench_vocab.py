@@ -28,13 +28,13 @@ def quick_memory(tmp_path_factory):
 
 
 def test_quick_memory_points(quick_memory):
-    from apo_core.modeling import LOGITS_CHUNK_ELEMENTS
+    from apo_core.modeling import LOGITS_CHUNK_ELEMENTS, score_tile
 
     r, stdout = quick_memory
     s = r["settings"]["memory"]
     assert r["quick"] is True and r["settings"]["parts"] == ["memory"] and "stage1" not in r
     assert r["logits_chunk_elements"] == LOGITS_CHUNK_ELEMENTS
-    assert r["chunk_tokens"] == {str(V): LOGITS_CHUNK_ELEMENTS // V for V in VOCABS}
+    assert r["chunk_tokens"] == {str(V): score_tile(V)[0] for V in VOCABS}
     points = r["memory"]["points"]
     assert sorted((p["vocab"], p["tokens"]) for p in points) == sorted((V, T) for V in VOCABS for T in s["tokens"])
     for p in points:
@@ -47,7 +47,7 @@ def test_quick_memory_points(quick_memory):
         assert p["stop_token_ids"] == [V] and p["response_tokens_mean"] == T and p["truncated_frac"] == 1.0
         assert p["pad_token_id"] < V  # the twin pads with a row it has
         assert p["step_s"] > 0 and p["warmup_step_s"] > 0 and set(p["phases_s"]) == {"generate_s", "ref_logprobs_s", "update_s"}
-        assert p["chunk_tokens"] == min(LOGITS_CHUNK_ELEMENTS // V, s["prompts"] * T)
+        assert p["chunk_tokens"] == min(score_tile(V)[0], s["prompts"] * T)
         assert p["params"] > V * 64  # the tied V x 64 embedding and the body
         # the warm-up step allocated AdamW's two fp32 moments; the measured step kept them
         phases = {ph["phase"]: ph for ph in p["memory_phases"]}
