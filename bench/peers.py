@@ -75,6 +75,26 @@ from peerlib.settings import (  # noqa: E402
 )
 
 
+def merge_earlier(results: dict, name: str, earlier: dict) -> None:
+    """Copy into `results` the modes it lacks from an earlier peers JSON, each with the run that measured it.
+
+    A mode the earlier file had itself merged keeps the provenance recorded under its `parts`; only
+    the modes it measured carry its own `run` and `settings`.
+    """
+    taken = [m for m in MODES if m in earlier and m not in results]
+    results.update({key: earlier[key] for m in taken for key in MODE_KEYS.get(m, (m,)) if key in earlier})
+    parts = results.setdefault("parts", [])
+    inherited: set = set()
+    for part in earlier.get("parts", []):
+        modes = [m for m in part["modes"] if m in taken]
+        if modes:
+            parts.append({**part, "modes": modes})
+            inherited.update(modes)
+    own = [m for m in taken if m not in inherited]
+    if own:
+        parts.append({"file": name, "modes": own, "run": earlier.get("run"), "settings": earlier.get("settings")})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the mechanics in a couple of minutes (= --size quick)")
@@ -157,11 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     results["settings"] = {"size": size, "modes": modes, "methods": methods, **s,
                            "grpo_generations": s.get("grpo_generations") or [GRPO_GENERATIONS], "beta1": APO_BETA1}
     for earlier in args.merge:
-        part = json.loads(earlier.read_text())
-        taken = [m for m in MODES if m in part and m not in results]
-        results.update({key: part[key] for m in taken for key in MODE_KEYS.get(m, (m,)) if key in part})
-        results.setdefault("parts", []).append({"file": earlier.name, "modes": taken, "run": part.get("run"),
-                                                "settings": part.get("settings")})
+        merge_earlier(results, earlier.name, json.loads(earlier.read_text()))
     results["targets"] = targets(results)
     results["machine"] = machine(args.threads)
     results["run"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

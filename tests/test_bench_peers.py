@@ -92,6 +92,20 @@ def test_quick_apo_writes_every_modes_figures(quick_apo):
     assert "plot" not in r["run"]  # no race measured, nothing to draw
 
 
+def test_merging_a_merged_file_keeps_each_modes_own_run():
+    """Re-measuring one mode of a merged file: the modes it had merged keep the run that measured them."""
+    merged = {"race": {"apo": 1}, "equal_time": {"apo": 2}, "memory": {"stale": True}, "run": {"date": "memory run"},
+              "parts": [{"file": "compare.json", "modes": ["equal_time", "race"], "run": {"date": "compare run"}, "settings": None}]}
+    results = {"memory": {"fresh": True}}
+    _peers().merge_earlier(results, "peers.json", merged)
+    assert results["memory"] == {"fresh": True} and results["race"] == {"apo": 1}
+    assert results["parts"] == merged["parts"]  # not attributed to the memory run that had merged them
+    # an earlier file's own modes carry its own run
+    results = {}
+    _peers().merge_earlier(results, "peers.json", merged)
+    assert results["parts"] == [merged["parts"][0], {"file": "peers.json", "modes": ["memory"], "run": {"date": "memory run"}, "settings": None}]
+
+
 def test_overhead_arithmetic():
     o = runners.pipeline_overhead({"stage_seconds": {"preprocess": 1.0, "sample_reference": 4.0, "evaluate": 3.0}}, 10.0)
     assert o["outside_stages_s"] == pytest.approx(2.0) and o["overhead_frac"] == pytest.approx(0.2)
