@@ -1,8 +1,9 @@
 """Where an apo stage-2 step spends its time, at the race's configuration of `bench/peers.py`.
 
 Stage 1 on the training prompts, then warm-up steps, then timed steps split into the trainer's parts
-(sampling with the reward, pi_ref's forward, the update), then a torch.profiler pass over a few more
-steps: each op's CPU time per step, and the matrix products' achieved GFLOP/s. What a speed-up can
+(sampling with the reward, pi_ref's forward, the update), then torch.profiler over a few more
+steps: each op's CPU time per step, and the matrix products' achieved GFLOP/s (their flops counted
+in a second pass). What a speed-up can
 still win is the time outside the matrix products.
 
     .venv/bin/python bench/step_profile.py --out bench/results/step-profile.json    # ~2 min alone
@@ -37,26 +38,28 @@ PROFILE_SIZES = {
 }
 
 
-def op_table(events, steps: int, top: int) -> dict:
-    """Per-op CPU time per step from profiler `events` (key_averages with flops) over `steps` steps:
-    the `top` ops by self time, the matrix products' share (attention included) and their GFLOP/s
-    (those whose flops torch counts).
+def op_table(events, flops_events, steps: int, top: int) -> dict:
+    """Per-op CPU time per step from profiler `events` (key_averages) over `steps` steps, and the
+    flops per step of each op from `flops_events` (a second pass of as many steps with flops
+    counted: recording shapes slows every small op, so the times come from the first): the `top`
+    ops by self time, the matrix products' share (attention included) and their GFLOP/s (those
+    whose flops torch counts).
 
     >>> from types import SimpleNamespace as E
-    >>> t = op_table([E(key="aten::mm", self_cpu_time_total=3e3, count=4, flops=6e6), E(key="aten::add", self_cpu_time_total=1e3, count=8, flops=0)], 2, 5)
-    >>> t["total_ms_per_step"], t["matmul_share"], t["matmul_gflops"], t["ops"][1]["calls_per_step"]
-    (2.0, 0.75, 2.0, 4.0)
+    >>> t = op_table([E(key="aten::mm", self_cpu_time_total=3e3, count=4), E(key="aten::add", self_cpu_time_total=1e3, count=8)],
+    ...              [E(key="aten::mm", flops=6e6), E(key="aten::add", flops=8e3)], 2, 5)
+    >>> t["total_ms_per_step"], t["matmul_share"], t["matmul_gflops"], t["ops"][0]["gflops"], t["ops"][1]["calls_per_step"]
+    (2.0, 0.75, 2.0, 2.0, 4.0)
     """
+    flops = {e.key: e.flops for e in flops_events if e.key in MATMUL_OPS and e.flops}  # torch counts the products', not attention's
     total = sum(e.self_cpu_time_total for e in events)  # microseconds
-    matmul = [e for e in events if e.key in MATMUL_OPS]
-    matmul_us = sum(e.self_cpu_time_total for e in matmul)
-    counted = [e for e in matmul if e.flops]  # torch counts the products' flops, not attention's
-    flops, counted_us = sum(e.flops for e in counted), sum(e.self_cpu_time_total for e in counted)
+    matmul_us = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    counted_us = sum(e.self_cpu_time_total for e in events if e.key in flops)
     ops = [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3), "calls_per_step": e.count / steps,
-            "gflops": round((e.flops or 0) / e.self_cpu_time_total / 1e3, 1) if e.flops else None}
+            "gflops": round(flops[e.key] / e.self_cpu_time_total / 1e3, 1) if e.key in flops else None}
            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
     return {"total_ms_per_step": round(total / 1e3 / steps, 3), "matmul_share": round(matmul_us / max(total, 1e-9), 4),
-            "matmul_gflops": round(flops / max(counted_us, 1e-9) / 1e3, 1), "ops": ops}
+            "matmul_gflops": round(sum(flops.values()) / max(counted_us, 1e-9) / 1e3, 1), "ops": ops}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = training_prompts(train, aggregate_vstar([r["prompt_id"] for r in rows], [r["reward"] for r in rows], APO_BETA1),
                                filter_all_zero=False)
     P = s["prompts_per_step"]
-    cfg = TrainConfig(steps=s["warmup"] + s["steps"] + s["profiled"], rollout_batch_size=P, minibatch_size=P, lr=s["lr"],
+    cfg = TrainConfig(steps=s["warmup"] + s["steps"] + 2 * s["profiled"], rollout_batch_size=P, minibatch_size=P, lr=s["lr"],
                       beta2=s["beta2"], max_new_tokens=s["max_new_tokens"], seed=0)
     trainer = OnlineTrainer(model, reference_of(model, cfg.reference_dtype), tok, engine, reward, cfg)
     model.train()
@@ -102,15 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
         step()
     timed = [step() for _ in range(s["steps"])]
     parts = {k.removeprefix("time/"): round(sum(m[k] for m in timed) / len(timed), 4) for k in timed[0] if k.startswith("time/")}
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        for _ in range(s["profiled"]):
-            step()
+    passes = []
+    for flops in (False, True):
+        with profile(activities=[ProfilerActivity.CPU], with_flops=flops) as prof:
+            for _ in range(s["profiled"]):
+                step()
+        passes.append(prof.key_averages())
     result = {
         "settings": {**s, "size": "quick" if args.quick else "full", "threads": args.threads, "model": "embedded",
                      "torch": torch.__version__},
         "stage1_s": round(stage1_s, 3),
         "step_parts_s": parts,
-        "profile": op_table(prof.key_averages(), s["profiled"], args.top),
+        "profile": op_table(*passes, s["profiled"], args.top),
         "run": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()},
