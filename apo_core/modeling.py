@@ -489,8 +489,8 @@ class _ChunkedScores:
     instead of (B, T+1, V) logits. No B x T x V tensor exists in the forward or the backward:
     a plain linear layer is scored in logits tiles (`_tiled_scores`; with gradients one autograd
     node, `_FusedChunkScores`, that recomputes them in the backward) whenever the logits exceed
-    one chunk of LOGITS_CHUNK_ELEMENTS or its weight is stored narrower (pi_ref: no widened copy
-    of the matrix). Any other output module (ZeRO-3's partitioned layer, a LoRA adapter: their
+    one chunk of LOGITS_CHUNK_ELEMENTS, the vocabulary spans more than one tile of VOCAB_TILE
+    rows, or its weight is stored narrower (pi_ref: no widened copy of the matrix). Any other output module (ZeRO-3's partitioned layer, a LoRA adapter: their
     hooks must run) is called LOGITS_CHUNK_ELEMENTS at a time, with a checkpoint per chunk."""
 
     def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
@@ -502,7 +502,10 @@ class _ChunkedScores:
         h = hidden[:, -(T + 1) : -1].reshape(B * T, -1)  # column j predicts token j+1
         targets = self.targets.reshape(B * T)
         weight = _tileable(self.head)
-        if weight is not None and (B * T > self.chunk or torch.nn.utils.parametrize.is_parametrized(self.head)):
+        # tiles: whenever a whole-vocabulary block of these positions would exceed one tile (a short
+        # batch at 151,936 rows keeps ~5 (n, V) fp32 blocks alive in the backward otherwise), or pi_ref's
+        # matrix is stored narrower
+        if weight is not None and (B * T > self.chunk or weight.shape[0] > VOCAB_TILE or torch.nn.utils.parametrize.is_parametrized(self.head)):
             if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
                 return _FusedChunkScores.apply(h, weight, targets, self.with_entropy).reshape(B, T, -1)
             return _tiled_scores(h, weight, targets, self.with_entropy)[0].reshape(B, T, -1)

@@ -183,9 +183,12 @@ def test_chunked_scores_equal_the_full_logits_in_value_and_gradient(monkeypatch,
     assert "lm_head" not in model.__dict__  # the stand-in is gone after the forward
 
 
-def test_no_logits_block_beyond_one_tile_at_qwens_vocabulary(monkeypatch):
-    """Forward and backward (with the entropy bonus) compute at most LOGITS_CHUNK_ELEMENTS logits at
-    a time, each once forward and once recomputed in the backward, and never for the prompt."""
+@pytest.mark.parametrize("responses, length", [(4, 600), (2, 8)], ids=["two-position-chunks", "short-batch"])
+def test_no_logits_block_beyond_one_tile_at_qwens_vocabulary(monkeypatch, responses, length):
+    """Forward and backward (with the entropy bonus) compute at most one tile of logits at a time
+    (LOGITS_CHUNK_ELEMENTS, and VOCAB_TILE rows of the vocabulary), each once forward and once
+    recomputed in the backward, and never for the prompt: also for a batch short enough to fit
+    in one chunk of positions."""
     model = _random_qwen_vocab_model()
     tiles = []
     real = modeling._tile_logits
@@ -196,11 +199,11 @@ def test_no_logits_block_beyond_one_tile_at_qwens_vocabulary(monkeypatch):
         return logits
 
     monkeypatch.setattr(modeling, "_tile_logits", spy)
-    batch = collate([[1, 2, 3, 4, 5]] * 4, [list(range(10, 10 + 600))] * 4, pad_id=0)  # 4 x 600 response tokens: two chunks of positions
+    batch = collate([[1, 2, 3, 4, 5]] * responses, [list(range(10, 10 + length))] * responses, pad_id=0)
     logp, entropy = response_logprobs(model, batch, with_entropy=True)
     (logp.sum() - entropy.sum()).backward()
-    assert max(n * v for n, v in tiles) <= modeling.LOGITS_CHUNK_ELEMENTS < 4 * 600 * QWEN_VOCAB_SIZE
-    assert sum(n * v for n, v in tiles) == 2 * 4 * 600 * QWEN_VOCAB_SIZE
+    assert max(n * v for n, v in tiles) <= modeling.LOGITS_CHUNK_ELEMENTS and max(v for _, v in tiles) <= modeling.VOCAB_TILE
+    assert sum(n * v for n, v in tiles) == 2 * responses * length * QWEN_VOCAB_SIZE
     assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
 
 
