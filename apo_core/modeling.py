@@ -490,8 +490,9 @@ class _ChunkedScores:
     a plain linear layer is scored in logits tiles (`_tiled_scores`; with gradients one autograd
     node, `_FusedChunkScores`, that recomputes them in the backward) whenever the logits exceed
     one chunk of LOGITS_CHUNK_ELEMENTS, the vocabulary spans more than one tile of VOCAB_TILE
-    rows, or its weight is stored narrower (pi_ref: no widened copy of the matrix). Any other output module (ZeRO-3's partitioned layer, a LoRA adapter: their
-    hooks must run) is called LOGITS_CHUNK_ELEMENTS at a time, with a checkpoint per chunk."""
+    rows, or its weight is stored narrower (pi_ref: no widened copy of the matrix). Any other
+    output module (ZeRO-3's partitioned layer, a LoRA adapter: their hooks must run) is called
+    LOGITS_CHUNK_ELEMENTS at a time, with a checkpoint per chunk."""
 
     def __init__(self, head, targets: Tensor, with_entropy: bool, vocab_size: int):
         self.head, self.targets, self.with_entropy = head, targets, with_entropy

@@ -3,10 +3,9 @@
 Stage 1 on the training prompts, then warm-up steps, then timed steps split into the trainer's parts
 (sampling with the reward, pi_ref's forward, the update), then torch.profiler over a few more
 steps: each op's CPU time per step, and the matrix products' achieved GFLOP/s (their flops counted
-in a second pass). What a speed-up can
-still win is the time outside the matrix products.
+in a second pass). What a speed-up can still win is the time outside the matrix products.
 
-    .venv/bin/python bench/step_profile.py --out bench/results/step-profile.json    # ~2 min alone
+    .venv/bin/python bench/step_profile.py --out bench/results/step-profile.json    # ~1 min alone
 """
 
 from __future__ import annotations

@@ -38,4 +38,5 @@ def test_step_profile_docstring_examples():
     spec = importlib.util.spec_from_file_location("bench_step_profile", ROOT / "bench" / "step_profile.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert doctest.testmod(module).attempted > 0 and doctest.testmod(module).failed == 0
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

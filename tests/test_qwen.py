@@ -200,6 +200,8 @@ def test_no_logits_block_beyond_one_tile_at_qwens_vocabulary(monkeypatch, respon
 
     monkeypatch.setattr(modeling, "_tile_logits", spy)
     batch = collate([[1, 2, 3, 4, 5]] * responses, [list(range(10, 10 + length))] * responses, pad_id=0)
+    # 4 x 600 response tokens: two chunks of positions; 2 x 8: less than one
+    assert (modeling.LOGITS_CHUNK_ELEMENTS < responses * length * QWEN_VOCAB_SIZE) == (length == 600)
     logp, entropy = response_logprobs(model, batch, with_entropy=True)
     (logp.sum() - entropy.sum()).backward()
     assert max(n * v for n, v in tiles) <= modeling.LOGITS_CHUNK_ELEMENTS and max(v for _, v in tiles) <= modeling.VOCAB_TILE
