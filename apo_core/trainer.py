@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .engines import Completion, GenerationEngine
 from .distributed import all_max, gathered, partitioned
 from .modeling import (TokenBatch, collate, output_gradient_by_rows, output_matrix, response_logprobs,
-                       sparse_tied_embedding_grad)
+                       return_freed_memory_to_os, sparse_tied_embedding_grad)
 from .objectives import apo_loss, mean_entropy
 from .optim import BF16StateAdamW
 from .rewards import RewardFn
@@ -84,20 +84,6 @@ def memory_plan(cfg: TrainConfig, n_params: int, n_trained: int) -> dict:
 def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool:
     """torch's fused AdamW takes floating-point parameters on CPU and CUDA."""
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-
-
-def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
-    """Serve allocations of `threshold` bytes or more with their own mappings (glibc mallopt
-    M_MMAP_THRESHOLD), so freeing a large tensor returns its memory instead of leaving a
-    reusable hole in the heap. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 class StopRequested(RuntimeError):

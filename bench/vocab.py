@@ -1,5 +1,5 @@
-"""What a 151,936-token vocabulary costs apo: stage-2 memory against a 32,768-token twin, and
-stage-1 tokens/s on embedded-qwen through both engines.
+"""What a 151,936-token vocabulary costs apo: stage-2 memory against a 32,768-token twin,
+stage-1 tokens/s on embedded-qwen through both engines, and loading its tokenizer.
 
     .venv/bin/python bench/vocab.py --out bench/results/vocab.json          # full run, writes the JSON
     .venv/bin/python bench/vocab.py --quick --out /tmp/vocab-quick.json     # tiny sizes: mechanics only
@@ -8,14 +8,15 @@ stage-1 tokens/s on embedded-qwen through both engines.
   after a warm-up step) over the RSS just before it; random-init embedded-qwen body, 64 prompts,
   T = 256 and 1,024 response tokens, vocab 151,936 vs 32,768; each point in its own child process.
 - stage1: apo's stage-1 path (bench/engines.py `apo_stage1`) on embedded-qwen, transformers and vLLM.
+- tokenizer: embedded-qwen's tokenizer loaded by apo (apo_core.modeling.load_tokenizer) and by
+  transformers' AutoTokenizer, each in a fresh child process (also under --quick): seconds, the
+  resident set it adds and the peak while loading.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import gc
 import json
@@ -41,7 +42,8 @@ from peerlib.runners import add_child_arguments, answer_child, run_child, setup_
 from peerlib.settings import comma_ints  # noqa: E402
 
 QWEN_VOCAB, TWIN_VOCAB = 151_936, 32_768
-PARTS = ("memory", "stage1")
+PARTS = ("memory", "stage1", "tokenizer")
+TOKENIZER_ROUTES = ("apo", "auto")
 SIZES = {
     "full": dict(
         memory=dict(prompts=64, tokens=[256, 1024], vocab=[QWEN_VOCAB, TWIN_VOCAB], target_tokens=1024,
@@ -85,14 +87,6 @@ def embedded_qwen_config(vocab_size: int):
         if getattr(cfg, key, None) is not None and getattr(cfg, key) >= vocab_size:
             setattr(cfg, key, vocab_size - 1)
     return cfg, source
-
-
-def malloc_trim() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc), so the step's rise is its own."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 @contextlib.contextmanager
@@ -157,7 +151,7 @@ def memory_point(spec: dict) -> dict:
         phases.append(memory_phase("warm-up step", model, trainer.ref_policy, trainer.optimizer))
         gc.collect()
         rss_after_warmup = rss_mb("VmRSS")
-        trimmed = malloc_trim()
+        trimmed = modeling.trim_heap()  # the C heap's free pages go back: the step's rise is its own
         before = rss_mb("VmRSS")
         with step_peak() as peak:
             metrics, _ = trainer.train_step(trainer.batch_for_step(prompts, trainer.step))
@@ -201,10 +195,38 @@ def stage1_point(spec: dict) -> dict:
     return {**out, "prompts": len(records), "tokens_per_sample": out["tokens"] / (len(records) * s["n"])}
 
 
+def tokenizer_point(spec: dict) -> dict:
+    """embedded-qwen's tokenizer loaded in this process by one route: `apo` (load_tokenizer) or `auto`
+    (AutoTokenizer.from_pretrained on the same folder); seconds, resident set added, peak over the start."""
+    from transformers import AutoTokenizer
+
+    from apo_core.modeling import load_tokenizer, resolve_model_path
+
+    folder = resolve_model_path("embedded-qwen")  # made (tokenizer.json built) before the clock starts
+    before, start = rss_mb("VmRSS"), time.perf_counter()
+    tok = load_tokenizer("embedded-qwen") if spec["route"] == "apo" else AutoTokenizer.from_pretrained(folder)
+    seconds = time.perf_counter() - start
+    return {"route": spec["route"], "class": type(tok).__name__, "seconds": round(seconds, 2),
+            "rss_before_mb": round(before, 1), "added_mb": round(rss_mb("VmRSS") - before, 1),
+            "peak_over_start_mb": round(rss_mb() - before, 1), "vocab_size": len(tok),
+            "chat_prompt_ids": tok.apply_chat_template([{"role": "user", "content": "2+3=?"}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False)}
+
+
+def measure_tokenizer(threads: int, log_dir: Path) -> dict:
+    """Both routes, each in its own fresh child (a second load in one process would share the first's heap)."""
+    out = {r: run_child({"kind": "tokenizer", "threads": threads, "route": r}, log_dir, f"tokenizer-{r}", script=Path(__file__))
+           for r in TOKENIZER_ROUTES}
+    out["apo_over_auto"] = {k: round(out["apo"][k] / out["auto"][k], 3) if out["auto"][k] > 0 else None
+                            for k in ("seconds", "added_mb", "peak_over_start_mb")}
+    out["same_ids"] = out["apo"]["chat_prompt_ids"] == out["auto"]["chat_prompt_ids"]
+    return out
+
+
 def child_main(spec: dict) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     setup_child(spec["threads"], spec.get("seed", 0))
-    out = {"memory": memory_point, "stage1": stage1_point}[spec["kind"]](spec)
+    out = {"memory": memory_point, "stage1": stage1_point, "tokenizer": tokenizer_point}[spec["kind"]](spec)
     out["process_peak_rss_mb"] = round(rss_mb(), 1)
     return out
 
@@ -296,6 +318,16 @@ def report(r: dict) -> str:
         for e, v in r["stage1"].items():
             lines.append(f"  {e:<4} {v['tokens_per_s']:>8.0f} tokens/s  ({v['tokens']} tokens in {v['seconds']:.1f} s, "
                          f"{v['tokens_per_sample']:.1f} per sample; stop {v['stop_token_ids']})")
+    if "tokenizer" in r:
+        t = r["tokenizer"]
+        lines.append("embedded-qwen's tokenizer, loaded in a fresh process (151,936 rows):")
+        for route in TOKENIZER_ROUTES:
+            v = t[route]
+            lines.append(f"  {route:<4} {v['class']:<24} {v['seconds']:>5.2f} s  +{v['added_mb']:.0f} MB resident "
+                         f"(peak +{v['peak_over_start_mb']:.0f} MB)")
+        ratio = t["apo_over_auto"]
+        lines.append(f"  apo / auto: {ratio['seconds']} x the seconds, {ratio['added_mb']} x the MB added; "
+                     f"same ids: {t['same_ids']}")
     for k, t in r["targets"].items():
         shown = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"target {k} (T={t['tokens']}): {shown} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
@@ -354,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     if "stage1" in parts:
         results["stage1"] = {e: run_point({"kind": "stage1", "threads": args.threads, "engine": e, "s": s["stage1"]},
                                           log_dir, f"stage1-{e}") for e in s["stage1"]["engines"]}
+    if "tokenizer" in parts:
+        with tempfile.TemporaryDirectory(prefix="apo-vocab-logs-") as tok_logs:
+            results["tokenizer"] = measure_tokenizer(args.threads, log_dir or Path(tok_logs))
     targets = {}
     if "memory" in results:
         T = s["memory"]["target_tokens"]
@@ -362,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "met": ratio is not None and ratio <= TARGET_RATIO}
     results["targets"] = targets
     results["settings"] = {
-        **{p: s[p] for p in parts}, "parts": parts, "threads": args.threads, "unchunked": args.unchunked,
+        **{p: s[p] for p in parts if p in s}, "parts": parts, "threads": args.threads, "unchunked": args.unchunked,
         "memory_notes": "OnlineTrainer.train_step, TrainConfig defaults but rollout/minibatch = prompts and max_new_tokens = T; "
                         "TransformersEngine via tasks.loading.engine_for; stop token = vocab size (unsampleable); V* = 0.5; "
                         "embedded reward; raw embedded prompts; measured step = the 2nd, after gc and malloc_trim",

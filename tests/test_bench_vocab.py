@@ -85,3 +85,24 @@ def test_quick_stage1(tmp_path):
         assert v["prompts"] == s["prompts"] and v["tokens_per_s"] > 0
         assert s["prompts"] * s["n"] <= v["tokens"] <= s["prompts"] * s["n"] * s["max_new_tokens"]
         assert 1 <= v["tokens_per_sample"] <= s["max_new_tokens"] and v["stop_token_ids"]
+
+
+def test_tokenizer_load_routes_in_fresh_children(tmp_path):
+    """The tokenizer part runs each route in its own child even under --quick: apo's load_tokenizer
+    (the folder's generic class, heap trimmed) holds less than AutoTokenizer's Qwen2Tokenizer, same ids."""
+    out = tmp_path / "v.json"
+    proc = _run("--parts", "tokenizer", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    t = r["tokenizer"]
+    assert r["settings"]["parts"] == ["tokenizer"] and "memory" not in r and "stage1" not in r
+    assert (t["apo"]["class"], t["auto"]["class"]) == ("TokenizersBackend", "Qwen2Tokenizer")
+    for route in ("apo", "auto"):
+        v = t[route]
+        assert v["route"] == route and v["vocab_size"] == 151_665 and v["seconds"] > 0
+        assert v["rss_before_mb"] > 100 and v["peak_over_start_mb"] >= v["added_mb"] > 0
+        assert v["chat_prompt_ids"][0] == 151644  # <|im_start|>
+    assert t["same_ids"] is True
+    assert t["apo"]["added_mb"] < t["auto"]["added_mb"]  # 73 vs 195 MB at the commit that added it
+    assert t["apo_over_auto"]["added_mb"] == pytest.approx(t["apo"]["added_mb"] / t["auto"]["added_mb"], abs=1e-3)
+    assert "same ids: True" in proc.stdout

@@ -111,6 +111,41 @@ def test_embedded_qwen_is_a_standard_folder_with_qwen25s_vocabulary(qwen_model, 
     assert resolve_stop_ids(model, tok) == [IM_END, ENDOFTEXT]
 
 
+@pytest.mark.parametrize("name", ["embedded-qwen", "embedded"])
+def test_a_generic_tokenizer_folder_loads_its_tokenizer_json_as_is_with_autotokenizers_ids(name, shared_data):
+    """Both built-in folders declare the generic fast class; load_tokenizer takes their tokenizer.json
+    as it is where AutoTokenizer builds Qwen2Tokenizer from the config's model type. Every text
+    field of the shared data sets and the embedded task's prompts get the same ids either way."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from apo_core.embedded import make_problems
+
+    folder = modeling.resolve_model_path(name)
+    assert modeling.declares_generic_tokenizer(folder)
+    ours, auto = modeling.load_tokenizer(name), AutoTokenizer.from_pretrained(folder)
+    assert type(ours) is not type(auto) and type(auto).__name__ == "Qwen2Tokenizer"  # two routes, really
+    assert isinstance(ours, PreTrainedTokenizerFast) and ours.padding_side == "left"
+    texts = [str(v) for f in sorted(shared_data.rglob("*.jsonl")) for row in _read_jsonl(f) for v in row.values()
+             if isinstance(v, (str, int, float))]
+    texts += [p["prompt"] for p in make_problems("test", 64)]
+    assert len(texts) > 20_000
+    ids = ours(texts, add_special_tokens=False)["input_ids"]
+    assert ids == auto(texts, add_special_tokens=False)["input_ids"]
+    assert ours.batch_decode(ids[:500]) == auto.batch_decode(ids[:500])
+    assert (ours.eos_token_id, ours.pad_token_id, len(ours)) == (auto.eos_token_id, auto.pad_token_id, len(auto))
+
+
+def test_a_folder_naming_its_own_tokenizer_class_keeps_autotokenizers_choice(tmp_path):
+    folder = tmp_path / "named"
+    shutil.copytree(modeling.resolve_model_path("embedded"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    assert not modeling.declares_generic_tokenizer(folder)
+    assert type(modeling.load_tokenizer(str(folder))).__name__ == "Qwen2Tokenizer"
+    (folder / "tokenizer.json").unlink()  # no tokenizer.json: nothing to take as it is
+    assert not modeling.declares_generic_tokenizer(folder) and modeling.declares_generic_tokenizer(modeling.EMBEDDED_MODEL)
+
+
 def test_generation_stops_at_im_end_in_chatml_and_at_endoftext_in_plain_form(qwen_model):
     """The SFT answers a ChatML turn with <|im_end|> and a plain prompt with <|endoftext|>: both
     end a response, and the stop token is kept (it counts in the log-ratio)."""
