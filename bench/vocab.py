@@ -320,7 +320,7 @@ def report(r: dict) -> str:
                          f"{v['tokens_per_sample']:.1f} per sample; stop {v['stop_token_ids']})")
     if "tokenizer" in r:
         t = r["tokenizer"]
-        lines.append("embedded-qwen's tokenizer, loaded in a fresh process (151,936 rows):")
+        lines.append(f"embedded-qwen's tokenizer ({t['apo']['vocab_size']:,} tokens), loaded in a fresh process:")
         for route in TOKENIZER_ROUTES:
             v = t[route]
             lines.append(f"  {route:<4} {v['class']:<24} {v['seconds']:>5.2f} s  +{v['added_mb']:.0f} MB resident "
