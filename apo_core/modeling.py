@@ -138,9 +138,10 @@ def load_tokenizer(path: str, pad_fallback: bool = True):
     is. AutoTokenizer goes by the model type instead (transformers 5 gives a qwen2 config
     Qwen2Tokenizer, which rebuilds the BPE from tokenizer.json's vocabulary and merges and keeps
     them as Python objects). Parsing tokenizer.json leaves freed blocks in the C heap; they are
-    handed back to the OS here. For embedded-qwen's 151,643-token BPE the resident set grows by 73 MB
-    this way against 195 MB (bench/vocab.py --parts tokenizer; the ids agree on every record of the
-    shipped data sets: tests/test_qwen.py)."""
+    handed back to the OS here. For embedded-qwen's 151,643-token BPE the resident set grows by 74 MB
+    this way against 197 MB, for 0.4 s more and a higher peak while loading (+329 MB against +267;
+    bench/vocab.py --parts tokenizer). The ids agree on every record of the shipped data sets
+    (tests/test_qwen.py)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     resolved = resolve_model_path(path)
