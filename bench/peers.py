@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=comma_ints, default=None, help="paper: the seed (the first); equal_time/race: the reported seeds")
     ap.add_argument("--screen-seed", type=int, default=None, help="equal_time/race: the seed configurations are chosen on")
     ap.add_argument("--passes", type=int, default=None, help="paper, and GRPO in equal_time/race: passes over the training prompts")
-    ap.add_argument("--eval-every-s", type=float, default=None, help="equal_time/race: held-out scoring interval (training seconds)")
+    ap.add_argument("--eval-every-s", type=float, default=None,
+                    help="equal_time/race: held-out scoring interval (training seconds), after the --eval-at-s times")
+    ap.add_argument("--eval-at-s", type=comma_floats, default=None,
+                    help="equal_time/race: training times to score the held-out set at before the interval takes over (comma list)")
+    ap.add_argument("--test", type=int, default=None, help="held-out prompts every evaluation scores")
     ap.add_argument("--gpu-size", choices=sorted(GPU_SIZES), default="1.5b", help="gpu mode: the random model (tiny: CPU check)")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default results/peers.json, --quick: results/peers-quick.json)")
     ap.add_argument("--reuse", type=Path, default=None,
@@ -139,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("beta2", "seeds", "passes", "minibatch_apo", "filter_apo", "grpo_generations"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
-    for key, option in (("seeds", "seeds"), ("screen_seed", "screen_seed"), ("eval_every_s", "eval_every_s")):
+    if args.test is not None:
+        if args.test < 1:
+            sys.exit(f"peers: --test must be at least 1, got {args.test}")
+        s["test"] = args.test
+    for key, option in (("seeds", "seeds"), ("screen_seed", "screen_seed"), ("eval_every_s", "eval_every_s"),
+                        ("eval_at_s", "eval_at_s")):
         if getattr(args, option) is not None:
             s["compare"][key] = getattr(args, option)
     if any(g < 2 for g in s.get("grpo_generations") or []):  # one response has no group to normalise against

@@ -361,7 +361,45 @@ def test_one_point_per_method_needs_no_screening(monkeypatch, tmp_path):
     monkeypatch.setattr(compare, "run_child", fake_run)
     s = json.loads(json.dumps(settings.SIZES["qwen"]))
     r = compare.measure_compare(["apo", "trl_grpo", "trl_a2po"], s, settings.base_spec(s, 1), tmp_path)
-    assert [c["seed"] for c in calls] == [0, 0, 0] and [c["method"] for c in calls] == ["trl_grpo", "apo", "trl_a2po"]
+    assert [c["seed"] for c in calls] == [0, 1, 2] * 3
+    assert [c["method"] for c in calls] == ["trl_grpo"] * 3 + ["apo"] * 3 + ["trl_a2po"] * 3
     assert all(c["model"] == "embedded-qwen" and c["template"] == "chat" for c in calls)
+    # every child scores the same schedule: dense while the race is decided, then only at its end
+    assert all(c["eval_at_s"] == s["compare"]["eval_at_s"] and c["eval_every_s"] is None and c["test"] == 2000 for c in calls)
     assert r["equal_time"]["budget_s"] == 50.0 and r["compare"]["screening"] == {}
     assert r["race"]["apo"]["time_to_target_s"] == {"10": 50.0, "15": 50.0}
+
+
+def test_scorer_scores_at_the_listed_times_then_every_interval(monkeypatch):
+    """Scorer's schedule: the reference at t = 0, then the first step ending at or after each listed
+    time, then every `every_s` after the last listed one (a step past several times scores once),
+    and the end; without an interval, nothing between the last listed time and the end."""
+    from peerlib import scoring
+
+    monkeypatch.setattr(scoring, "heldout_accuracy", lambda *a: 0.5)
+    now = [0.0]
+
+    class Clock:  # the training clock, set by hand
+        def start(self): pass
+        def elapsed(self): return now[0]
+        def paused(self): return scoring.contextlib.nullcontext()
+
+    def scored_at(every_s, at_s, step_ends, budget_s=None):
+        now[0] = 0.0
+        scorer = scoring.Scorer(Clock(), lambda: None, None, [], 8, every_s, budget_s, at_s=at_s)
+        scorer.start()
+        stopped = None
+        for step, t in enumerate(step_ends, 1):
+            now[0] = t
+            if scorer.after_step(step):
+                stopped = step
+                break
+        scorer.finish(stopped or len(step_ends))
+        return [p["t_s"] for p in scorer.points], stopped
+
+    ends = [4.0 * k for k in range(1, 16)]  # a step every 4 s, to 60 s
+    assert scored_at(None, [10, 20, 30], ends) == ([0.0, 12.0, 20.0, 32.0, 60.0], None)
+    assert scored_at(10.0, [5, 10], ends) == ([0.0, 8.0, 12.0, 20.0, 32.0, 40.0, 52.0, 60.0], None)
+    assert scored_at(10.0, [], ends) == ([0.0, 12.0, 20.0, 32.0, 40.0, 52.0, 60.0], None)
+    assert scored_at(None, [1, 2, 3, 9], [7.0, 14.0]) == ([0.0, 7.0, 14.0], None)  # 1-3 passed in one step: one score
+    assert scored_at(None, [10], ends, budget_s=30.0) == ([0.0, 12.0, 32.0], 8)  # the budget ends it

@@ -112,7 +112,8 @@ class Runs:
         if key not in self.done:
             c = self.s["compare"]
             spec = {**self.base, **point, "method": method, "mode": "curve", "seed": seed, "score": True,
-                    "beta2": point.get("beta2") or 0.0, "eval_every_s": c["eval_every_s"], "kl_records": c["kl_records"]}
+                    "beta2": point.get("beta2") or 0.0, "eval_every_s": c["eval_every_s"], "kl_records": c["kl_records"],
+                    **({"eval_at_s": c["eval_at_s"]} if c.get("eval_at_s") else {})}  # absent: earlier specs still match
             if budget_s is None:  # GRPO: the paper protocol's passes
                 spec["passes"] = self.s["passes"]
             else:

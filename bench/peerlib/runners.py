@@ -62,7 +62,8 @@ def run_apo_core(spec: dict) -> dict:
     curve = spec["mode"] == "curve"  # budget_s: the trainer's own time_budget_s stops it, not the scorer
     exact_reference = _load(spec["model"])[0] if curve else None  # the KL of every point: against fp32 pi_ref, as for TRL
     scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), None if curve else spec.get("budget_s"),
-                    reference=exact_reference, kl_records=spec.get("kl_records", 512), seed=spec["seed"])
+                    reference=exact_reference, kl_records=spec.get("kl_records", 512), seed=spec["seed"],
+                    at_s=spec.get("eval_at_s", ()))
     reference_accuracy = scorer.start() if spec["score"] else (clock.start() or None)
     rows = sample_reference(engine, train, reward, n_samples=spec["n_ref"], temperature=1.0, top_p=1.0,
                             max_new_tokens=mnt, seed=1234 + spec["seed"])
@@ -214,7 +215,8 @@ def run_trl(spec: dict) -> dict:
     clock = Clock()
     curve = spec["mode"] == "curve"
     scorer = Scorer(clock, lambda: model, tok, test, mnt, spec.get("eval_every_s"), spec.get("budget_s"),
-                    reference=reference if curve else None, kl_records=spec.get("kl_records", 512), seed=spec["seed"])
+                    reference=reference if curve else None, kl_records=spec.get("kl_records", 512), seed=spec["seed"],
+                    at_s=spec.get("eval_at_s", ()))
 
     class Clocked(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

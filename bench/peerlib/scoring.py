@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Sequence
 
 
 class Clock:
@@ -77,19 +78,23 @@ def policy_kl(model, reference, tokenizer, records, max_new_tokens: int, seed: i
 
 
 class Scorer:
-    """Scores the held-out set with the clock paused: at t = 0 (the reference), every
-    `every_s` of training time (None: only at the end), and at the end; says when time is up.
+    """Scores the held-out set with the clock paused: at t = 0 (the reference), at each time in
+    `at_s` (training seconds), then every `every_s` after the last of them (None: no more until
+    the end), and at the end; says when time is up. A schedule dense early and sparse later
+    resolves the race's times to the targets without scoring a large held-out set every few seconds.
     With `reference` (an exact copy of the starting model), each point also has the policy's KL
     to it (`policy_kl`) on the first `kl_records` held-out prompts."""
 
     def __init__(self, clock: Clock, model_fn, tokenizer, records, max_new_tokens: int,
-                 every_s: float | None, budget_s: float | None, reference=None, kl_records: int = 512, seed: int = 0):
+                 every_s: float | None, budget_s: float | None, reference=None, kl_records: int = 512, seed: int = 0,
+                 at_s: Sequence[float] = ()):
         self.clock, self.model_fn, self.tokenizer, self.records = clock, model_fn, tokenizer, records
         self.max_new_tokens, self.every_s, self.budget_s = max_new_tokens, every_s, budget_s
         self.reference, self.kl_records, self.seed = reference, records[:kl_records], seed
         self.points: list[dict] = []
         self.eval_seconds = 0.0
-        self._next = every_s
+        self._times = sorted(at_s)
+        self._next = self._times.pop(0) if self._times else every_s
 
     def score(self, step: int) -> float:
         t0 = time.perf_counter()
@@ -113,8 +118,8 @@ class Scorer:
         """Score if an interval has passed; True when the time budget is spent."""
         if self._next is not None and self.clock.elapsed() >= self._next:
             self.score(step)
-            while self._next <= self.clock.elapsed():
-                self._next += self.every_s
+            while self._next is not None and self._next <= self.clock.elapsed():
+                self._next = self._times.pop(0) if self._times else None if self.every_s is None else self._next + self.every_s
         return self.budget_s is not None and self.clock.elapsed() >= self.budget_s
 
     def finish(self, step: int) -> float:
