@@ -403,3 +403,31 @@ def test_scorer_scores_at_the_listed_times_then_every_interval(monkeypatch):
     assert scored_at(10.0, [], ends) == ([0.0, 12.0, 20.0, 32.0, 40.0, 52.0, 60.0], None)
     assert scored_at(None, [1, 2, 3, 9], [7.0, 14.0]) == ([0.0, 7.0, 14.0], None)  # 1-3 passed in one step: one score
     assert scored_at(None, [10], ends, budget_s=30.0) == ([0.0, 12.0, 32.0], 8)  # the budget ends it
+
+
+def test_grpos_final_accuracy_is_reached_on_its_own_curve_when_the_mean_rounds_up(monkeypatch, tmp_path):
+    """GRPO's final accuracy over seeds 0.46 / 0.466 / 0.45 has the mean 0.458667, which rounds to
+    0.4587: KL at matched accuracy and time to GRPO's accuracy still find it on GRPO's mean curve."""
+    from peerlib import compare
+
+    finals = {0: 0.46, 1: 0.466, 2: 0.45}
+
+    def fake_run(spec, log_dir, name):
+        grpo = spec["method"] == "trl_grpo"
+        wall = 50.0 if grpo else spec["budget_s"]
+        last = finals[spec["seed"]] if grpo else 0.5
+        curve = [{"t_s": 0.0, "step": 0, "accuracy": 0.2, "kl": 0.0}, {"t_s": wall / 2, "step": 2, "accuracy": 0.47, "kl": 0.01},
+                 {"t_s": wall, "step": 4, "accuracy": last, "kl": 0.04 if grpo else 0.02}]
+        if grpo:
+            curve[1]["accuracy"] = 0.3
+        return {"wall_s": wall, "steps": 4, "final_accuracy": last, "reference_accuracy": 0.2, "curve": curve, "kl": curve[-1]["kl"]}
+
+    monkeypatch.setattr(compare, "run_child", fake_run)
+    s = json.loads(json.dumps(settings.SIZES["qwen"]))
+    r = compare.measure_compare(["apo", "trl_grpo", "trl_a2po"], s, settings.base_spec(s, 1), tmp_path)
+    assert r["equal_time"]["trl_grpo"]["accuracy_mean"] == 0.4587  # rounded up past the curve's 0.45867
+    kl = r["kl_matched"]
+    assert kl["trl_grpo"]["t_s"] == 50.0 and kl["trl_grpo"]["accuracy"] == pytest.approx(0.45867, abs=1e-5)
+    assert kl["apo"]["t_s"] == 25.0 and kl["ratio"] == pytest.approx(0.25) and kl["met"]
+    t = r["time_to_grpo_accuracy"]
+    assert t["grpo_first_reached_s"] == 50.0 and t["apo_time_s"] == 25.0 and t["ratio"] == 0.5

@@ -218,8 +218,10 @@ def measure_compare(methods: list[str], s: dict, base: dict, log_dir: Path, reus
 
     race = {m: _describe(entries["race"], plus) for m, entries in chosen.items()}
 
-    # time to GRPO's final accuracy, at whichever of apo's configurations gets there soonest
-    grpo_final = grpo["accuracy_mean"]
+    # time to GRPO's final accuracy, at whichever of apo's configurations gets there soonest; the mean
+    # curve's last point is that accuracy unrounded (accuracy_mean is rounded to 4 places, and may lie
+    # above it, so GRPO's own curve would never reach it)
+    grpo_final = grpo_acc["curve"][-1]["accuracy"]
     apo_times = [t for e in (apo_acc, apo_race, apo_kl) if (t := _time(e["curve"], grpo_final)) is not None]
     apo_time = min(apo_times) if apo_times else None
     to_accuracy = {"grpo_accuracy": grpo_final, "grpo_wall_s": budget,
