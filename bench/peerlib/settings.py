@@ -40,7 +40,7 @@ SIZES = {
     # a step costs ~15x the byte-level model's, so fewer and shorter runs, each method at the byte-level
     # comparison's chosen point (one point each: no screening); TRL GRPO's step of 32 prompts x 4
     # generations took 92 s, so 16 prompts a step. 2,000 held-out prompts as on the byte-level model: one
-    # evaluation takes ~39 s here (the 151,936-row output layer at every token), so they are scored at
+    # evaluation takes ~39 s here (BENCHMARKS.md), so they are scored at
     # times dense where the race is decided and sparse after it, not every few seconds (~1.6 h alone)
     "qwen": dict(model="embedded-qwen", template="chat", train=64, test=2000, n_ref=4, max_new_tokens=56,
                  prompts_per_step=16, passes=2, seeds=[0, 1, 2],
