@@ -70,9 +70,9 @@ def decode(
     with its KV cache; any transformers causal LM works (PEFT- or DeepSpeed-wrapped too).
 
     With `KVDecoder`, rows that finished are dropped from the forward once a quarter of the
-    active rows have finished since the last drop. Tokens are still drawn for all B rows,
-    finished ones from placeholder logits and then discarded, so the random stream, and every
-    token, is the same as without dropping.
+    active rows have finished since the last drop. Uniforms are still drawn for all B rows every
+    step and the finished rows' discarded, so the random stream, and every token, is the same as
+    without dropping.
 
     `row_seeds` (one per row): row r draws token t with uniform t of its own stream
     (seeds.uniform_stream), so its tokens do not depend on the other rows; None: torch's
@@ -97,11 +97,13 @@ def decode(
         uniforms = torch.from_numpy(uniform_stream(row_seeds, max_new_tokens)).to(device)
     t = 0
     for t in range(max_new_tokens):
-        logits = step(step_ids, positions, mask)
-        if len(rows) < B:  # finished rows: uniform placeholders, drawn from and discarded
-            logits = logits.new_zeros((B, logits.shape[-1])).index_copy_(0, rows, logits)
-        u = None if uniforms is None else uniforms[:, t]
-        token = next_tokens(logits, temperature, top_p, consume=True, u=u).masked_fill(finished, pad_token_id)
+        logits = step(step_ids, positions, mask)  # (len(rows), V)
+        u = None
+        if temperature > 0:  # B uniforms a step whatever the rows left: the stream of a batch without drops
+            u = uniforms[:, t] if uniforms is not None else torch.rand((B, 1), device=device)[:, 0]
+        drawn = next_tokens(logits, temperature, top_p, consume=True, u=None if u is None else u[rows])
+        token = drawn if len(rows) == B else torch.full((B,), pad_token_id, device=device).index_copy_(0, rows, drawn)
+        token = token.masked_fill(finished, pad_token_id)
         out[:, t] = token
         finished |= torch.isin(token, stops)
         done = bool(finished.all())  # a device sync per token, as generate's stopping check
@@ -200,7 +202,8 @@ class KVDecoder:
         """A step function for `decode` over a cache of `capacity` positions per row."""
         return _CachedSteps(self, B, capacity)
 
-    def _forward(self, ids: Tensor, positions: Tensor, attend: Tensor, keys, values, start: int) -> Tensor:
+    def _forward(self, ids: Tensor, positions: Tensor, attend: Tensor, keys, values, start: int,
+                 out: Tensor | None = None) -> Tensor:
         B, S_new = ids.shape
         H, K, D = self.H, self.K, self.D
         end = start + S_new
@@ -219,12 +222,19 @@ class KVDecoder:
             x = x + a.o_proj(att.transpose(1, 2).reshape(B, S_new, H * D))
             h = _rms_norm(layer.post_attention_layernorm, x)
             x = x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
-        return self.lm.lm_head(_rms_norm(self.lm.model.norm, x[:, -1]))
+        h, head = _rms_norm(self.lm.model.norm, x[:, -1]), self.lm.lm_head
+        if out is None or type(head) is not torch.nn.Linear or torch.is_autocast_enabled(h.device.type) \
+                or out.dtype != h.dtype or head.weight.dtype != h.dtype:
+            return head(h)  # an adapter or a cast around the head: its own forward
+        # the (rows, V) logits into a block kept across steps: at a 151,936-row vocabulary a fresh
+        # one each step is 150 MB at 256 rows, which on CPU glibc maps anew and page-faults in
+        torch.matmul(h, head.weight.t(), out=out)
+        return out if head.bias is None else out.add_(head.bias)
 
 
 class _CachedSteps:
     """`KVDecoder`'s step function: (ids (A, S_new), positions (A, S_new), mask (A, S)) -> next-token
-    logits (A, V) for the A rows still decoding, with the cache kept in preallocated tensors."""
+    logits (A, V) for the A rows still decoding, with the cache and the logits kept in preallocated tensors."""
 
     def __init__(self, decoder: KVDecoder, B: int, capacity: int) -> None:
         weight = decoder.lm.model.embed_tokens.weight
@@ -234,6 +244,8 @@ class _CachedSteps:
         self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_layers)]
         self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_layers)]
         self.filled = 0
+        head = decoder.lm.lm_head.weight
+        self.logits = torch.empty((B, head.shape[0]), dtype=head.dtype, device=head.device)  # the first rows: those decoding
 
     def keep_rows(self, keep: Tensor) -> None:
         """Drop every cache row but `keep` (indices into the current rows), up to what is filled."""
@@ -254,6 +266,6 @@ class _CachedSteps:
             attend = (valid & (key_at <= query_at)) | (key_at == query_at)
         else:
             attend = valid
-        logits = self.decoder._forward(ids, positions, attend, self.keys, self.values, self.filled)
+        logits = self.decoder._forward(ids, positions, attend, self.keys, self.values, self.filled, out=self.logits[: len(ids)])
         self.filled += S_new
         return logits

@@ -142,3 +142,18 @@ def test_next_tokens_top_p_keeps_the_nucleus_only():
     full = next_tokens(logits, 1.0)
     assert torch.allclose(torch.bincount(full, minlength=4).float() / len(full), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     assert next_tokens(logits[:2], 0.0).tolist() == [0, 0]
+
+
+def test_kv_decoder_writes_every_steps_logits_into_one_block(reference, monkeypatch):
+    """The LM head's (rows, V) logits go into one block kept for the whole decode (a fresh one a step
+    is page-faulted in anew on CPU), rows dropped or not; the tokens are those of the plain loop."""
+    from apo_core import decoding
+
+    model, _, (input_ids, mask) = reference
+    blocks, call = [], decoding._CachedSteps.__call__
+    monkeypatch.setattr(decoding._CachedSteps, "__call__",
+                        lambda self, *a: (lambda out: (blocks.append((out.data_ptr(), len(out))), out)[1])(call(self, *a)))
+    fast = ours(model, input_ids, mask, 1.0, True)
+    assert len(blocks) > 5 and len({ptr for ptr, _ in blocks}) == 1
+    assert min(rows for _, rows in blocks) < len(input_ids)  # rows were dropped on the way
+    assert torch.equal(fast, ours(model, input_ids, mask, 1.0, False))
