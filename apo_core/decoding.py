@@ -224,7 +224,7 @@ class KVDecoder:
             x = x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
         h, head = _rms_norm(self.lm.model.norm, x[:, -1]), self.lm.lm_head
         if out is None or type(head) is not torch.nn.Linear or torch.is_autocast_enabled(h.device.type) \
-                or out.dtype != h.dtype or head.weight.dtype != h.dtype:
+                or out.dtype != h.dtype or head.weight.dtype != h.dtype or head.weight.shape != (out.shape[1], h.shape[-1]):
             return head(h)  # an adapter or a cast around the head: its own forward
         # the (rows, V) logits into a block kept across steps: at a 151,936-row vocabulary a fresh
         # one each step is 150 MB at 256 rows, which on CPU glibc maps anew and page-faults in
@@ -244,8 +244,8 @@ class _CachedSteps:
         self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_layers)]
         self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_layers)]
         self.filled = 0
-        head = decoder.lm.lm_head.weight
-        self.logits = torch.empty((B, head.shape[0]), dtype=head.dtype, device=head.device)  # the first rows: those decoding
+        head = decoder.lm.lm_head.weight  # under ZeRO-3 a rank holds an empty placeholder: no block, the head's own forward
+        self.logits = torch.empty((B, head.shape[0]), dtype=head.dtype, device=head.device) if head.dim() == 2 else None
 
     def keep_rows(self, keep: Tensor) -> None:
         """Drop every cache row but `keep` (indices into the current rows), up to what is filled."""
@@ -266,6 +266,6 @@ class _CachedSteps:
             attend = (valid & (key_at <= query_at)) | (key_at == query_at)
         else:
             attend = valid
-        logits = self.decoder._forward(ids, positions, attend, self.keys, self.values, self.filled, out=self.logits[: len(ids)])
+        logits = self.decoder._forward(ids, positions, attend, self.keys, self.values, self.filled, out=None if self.logits is None else self.logits[: len(ids)])
         self.filled += S_new
         return logits
