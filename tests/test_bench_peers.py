@@ -125,8 +125,11 @@ def test_apo_curve_run_is_bounded_by_its_trainers_time_budget(tmp_path):
     assert len(points) >= 3 and [p["t_s"] for p in points] == sorted(p["t_s"] for p in points)
     assert all("kl" in p for p in points) and r["kl"] == points[-1]["kl"]
     # the trainer stopped itself before a step that would not have ended within 8 s: within about one step of
-    # the budget (a step here averages wall / steps, stage 1 included), and not past it by more than noise
-    assert r["steps"] > 1 and abs(r["wall_s"] - 8.0) < 2 * r["wall_s"] / r["steps"] + 0.5
+    # the budget (a step here averages wall / steps, stage 1 included), and past it by no more than noise. The
+    # noise allowed is 2 s: in a full CI run on 2 cores one run ended 1.6 s past 8 s after 23 steps of ~0.4 s
+    # (its last step and the final checkpoint slowed by the suite's other processes); a trainer that ignored
+    # the budget would never stop (steps=10**9), and one that stopped at half of it would be 4 s short
+    assert r["steps"] > 1 and abs(r["wall_s"] - 8.0) < 2 * r["wall_s"] / r["steps"] + 2.0
     assert r["final_accuracy"] == points[-1]["accuracy"] and points[-1]["step"] == r["steps"]
 
 
