@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -94,10 +95,35 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def import_transformers_models() -> None:
+    """Import transformers' model machinery without scikit-learn.
+
+    Every model class inherits transformers' GenerationMixin, whose module imports
+    ``sklearn.metrics`` whenever scikit-learn is installed (MLflow installs it), only for assisted
+    decoding's candidate threshold, which apo never uses: 141 MB resident in every process that
+    loads a model (measured beside torch and transformers). It is imported here with scikit-learn
+    hidden (a None entry in sys.modules makes ``find_spec`` report it absent), so transformers
+    treats it as absent for the process; the entry is removed after, and scikit-learn stays
+    importable for everything else. Once the machinery (or scikit-learn) is imported, nothing to do.
+    """
+    if "transformers.generation.utils" in sys.modules or "sklearn" in sys.modules:
+        return
+    sys.modules["sklearn"] = None
+    try:
+        import transformers.generation.utils  # noqa: F401
+    except ImportError:  # transformers had found scikit-learn already: let it import it
+        pass
+    finally:
+        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
+    import transformers.generation.utils  # noqa: F401,F811
+
+
 def save_random_qwen2(path: str | Path, shape: dict, tokenizer) -> int:
     """A randomly initialised (seed 0) Qwen2 of `shape` (Qwen2Config fields) with `tokenizer`'s
     special tokens and tied embeddings, saved with the tokenizer to `path` like a real
     checkpoint; returns its parameter count. For tests and benchmarks."""
+    import_transformers_models()
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**shape, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
@@ -158,6 +184,7 @@ def load_tokenizer(path: str, pad_fallback: bool = True):
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer) from a local folder or hub id; the tokenizer pads on the left."""
+    import_transformers_models()
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(path)

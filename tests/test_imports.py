@@ -62,3 +62,15 @@ def test_importing_all_of_apo_core_loads_no_pipeline_library():
             f"print(','.join(m for m in {PIPELINE_LIBRARIES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "", f"apo_core imported {out.stdout.strip()}"
+
+
+def test_loading_a_model_leaves_scikit_learn_unimported_and_importable():
+    # transformers' generation module imports sklearn.metrics (~140 MB resident) when scikit-learn is
+    # installed (MLflow installs it); apo loads models without it, and it stays importable after.
+    code = ("import sys\nfrom apo_core.modeling import load_model_and_tokenizer\n"
+            "model, tok = load_model_and_tokenizer('embedded', 'float32', 'cpu')\n"
+            "import transformers.generation.candidate_generator as cg\n"
+            "print('sklearn' in sys.modules, cg.is_sklearn_available())\n"
+            "import sklearn.metrics\nprint(callable(sklearn.metrics.roc_curve))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False", "True"], out.stdout + out.stderr
