@@ -168,7 +168,9 @@ class TrainConfig(Section):
     beta2: float = Field(1e-3, gt=0)
     """beta2: weight of the log-ratio in the regression (paper: 1e-3)."""
     lr: float = Field(3e-5, gt=0)
-    """AdamW learning rate, constant (paper: 1e-6 on Qwen2.5)."""
+    """AdamW learning rate, constant after the warmup (paper: 1e-6 on Qwen2.5)."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Rollout steps over which the learning rate rises linearly to `lr` (step k of them uses lr * k / lr_warmup_steps): smaller first updates, where AdamW's first steps move every weight by about lr whatever its gradient. 0: `lr` from the first step."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     """AdamW beta1."""
     adam_beta2: float = Field(0.999, ge=0, lt=1)

@@ -216,6 +216,8 @@ class OnlineTrainer:
     def train_step(self, batch: Sequence[TrainPrompt]) -> tuple[dict[str, float], list[dict]]:
         """Sample one response per prompt and score it, then take len(batch) / minibatch_size updates."""
         batch, M = self._rank_share(batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
         rollout = self._rollout(batch)
         t0, sums, skipped = time.perf_counter(), {}, 0
         for rows in (slice(k, k + M) for k in range(0, len(batch), M)):
@@ -228,6 +230,17 @@ class OnlineTrainer:
         self.step += 1
         rollout.seconds["update_s"] = time.perf_counter() - t0
         return self._step_metrics(self._mean_over_ranks(sums), len(batch) // M, skipped, rollout), self._samples(batch, rollout)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of rollout step `step` (0-based): `lr`, after a linear warmup of lr_warmup_steps.
+
+        >>> from types import SimpleNamespace
+        >>> warm = SimpleNamespace(cfg=TrainConfig(lr=1.0, lr_warmup_steps=4))
+        >>> [OnlineTrainer.lr_at(warm, k) for k in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+        """
+        warmup = self.cfg.lr_warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
 
     def _rank_share(self, batch: Sequence[TrainPrompt]) -> tuple[list[TrainPrompt], int]:
         """This rank's rows of every minibatch, and its rows per minibatch."""

@@ -81,6 +81,23 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(tiny_model_dir, tmp
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+def test_lr_warms_up_linearly_over_rollout_steps_and_a_resume_mid_warmup_goes_on_from_there(tiny_model_dir, tmp_path):
+    lrs = []
+    straight = make_trainer(tiny_model_dir, steps=4, lr=1e-3, lr_warmup_steps=3)
+    straight.train(PROMPTS, tmp_path / "a", on_step=lambda s, m, _: lrs.append(m["train/lr"]))
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+
+    first = make_trainer(tiny_model_dir, steps=2, checkpoint_every=1, lr=1e-3, lr_warmup_steps=3)
+    first.train(PROMPTS, tmp_path / "b")
+    resumed = make_trainer(tiny_model_dir, steps=4, lr=1e-3, lr_warmup_steps=3)
+    resumed.load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    resumed_lrs = []
+    resumed.train(PROMPTS, tmp_path / "b", on_step=lambda s, m, _: resumed_lrs.append(m["train/lr"]))
+    assert resumed_lrs == pytest.approx([1e-3, 1e-3])
+    for (k, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
 def test_keep_checkpoints_prunes_oldest(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, steps=3, checkpoint_every=1, keep_checkpoints=2)
     trainer.train(PROMPTS, tmp_path)
