@@ -168,6 +168,7 @@ def load_tokenizer(path: str, pad_fallback: bool = True):
     this way against 197 MB, for 0.4 s more and a higher peak while loading (+329 MB against +267;
     bench/vocab.py --parts tokenizer). The ids agree on every record of the shipped data sets
     (tests/test_qwen.py)."""
+    import_transformers_models()  # AutoTokenizer's module imports the model classes' too
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     resolved = resolve_model_path(path)

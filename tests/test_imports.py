@@ -67,8 +67,9 @@ def test_importing_all_of_apo_core_loads_no_pipeline_library():
 def test_loading_a_model_leaves_scikit_learn_unimported_and_importable():
     # transformers' generation module imports sklearn.metrics (~140 MB resident) when scikit-learn is
     # installed (MLflow installs it); apo loads models without it, and it stays importable after.
-    code = ("import sys\nfrom apo_core.modeling import load_model_and_tokenizer\n"
-            "model, tok = load_model_and_tokenizer('embedded', 'float32', 'cpu')\n"
+    # the pipeline's preflight loads a tokenizer first: AutoTokenizer's module imports the model classes' too
+    code = ("import sys\nfrom apo_core.modeling import load_model_and_tokenizer, load_tokenizer\n"
+            "load_tokenizer('embedded')\nmodel, tok = load_model_and_tokenizer('embedded', 'float32', 'cpu')\n"
             "import transformers.generation.candidate_generator as cg\n"
             "print('sklearn' in sys.modules, cg.is_sklearn_available())\n"
             "import sklearn.metrics\nprint(callable(sklearn.metrics.roc_curve))")
